@@ -1,0 +1,141 @@
+"""Building blocks of the UNet and the encoder: ResBlock with two-condition AdaGN, attention.
+
+Submodule names follow the official checkpoints (``in_layers.0``, ``emb_layers.1``,
+``cond_emb_layers.1``, ``out_layers.3``, ``skip_connection``, ``norm``/``qkv``/``proj_out``) so that
+official weights load by name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .nn import Downsample, Upsample, normalization, zero_module
+
+
+class ResBlock(nn.Module):
+    """Residual block, optionally resampling and optionally conditioned on time and z_sem.
+
+    Conditioned (decoder): ``h = (1 + z_s) * ((1 + t_s) * GN(h) + t_b)`` right after the output
+    GroupNorm, then SiLU, dropout and a zero-initialised 3x3 conv. Unconditioned (encoder): a single
+    conv branch ``skip(x) + Conv(SiLU(GN(x)))`` — the official encoder has no second conv.
+
+    x: [B, C_in, H, W] (C_in includes the lateral channels when ``has_lateral``).
+    emb: [B, emb_channels] time embedding; cond: [B, cond_channels] raw z_sem.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        out_channels: int,
+        *,
+        emb_channels: int = 512,
+        cond_channels: int = 512,
+        dropout: float = 0.0,
+        use_condition: bool = True,
+        up: bool = False,
+        down: bool = False,
+        has_lateral: bool = False,
+    ):
+        super().__init__()
+        self.use_condition = use_condition
+        self.has_lateral = has_lateral
+        self.out_channels = out_channels
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.updown = up or down
+        self.resample: nn.Module = Upsample() if up else Downsample() if down else nn.Identity()
+        if use_condition:
+            self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))
+            self.cond_emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(cond_channels, out_channels))
+            self.out_layers = nn.Sequential(
+                normalization(out_channels),
+                nn.SiLU(),
+                nn.Dropout(p=dropout),
+                zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+            )
+        if out_channels == channels:
+            self.skip_connection: nn.Module = nn.Identity()
+        else:
+            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        lateral: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.has_lateral:
+            # current features first, skip features second: the conv weight layout depends on it
+            x = torch.cat([x, lateral], dim=1)
+        if self.updown:
+            norm, act, conv = self.in_layers
+            h = conv(self.resample(act(norm(x))))
+            x = self.resample(x)
+        else:
+            h = self.in_layers(x)
+        if self.use_condition:
+            h = self._modulate(h, emb, cond)
+        return self.skip_connection(x) + h
+
+    def _modulate(self, h: torch.Tensor, emb: torch.Tensor | None, cond: torch.Tensor | None) -> torch.Tensor:
+        norm, act, dropout, conv = self.out_layers
+        h = norm(h)
+        if emb is not None:
+            t_scale, t_shift = self.emb_layers(emb).to(h.dtype)[..., None, None].chunk(2, dim=1)
+            h = h * (1 + t_scale) + t_shift
+            # z_sem only modulates when time does too (the official code ignores cond without emb)
+            if cond is not None:
+                z_scale = self.cond_emb_layers(cond).to(h.dtype)[..., None, None]
+                h = h * (1 + z_scale)
+        return conv(dropout(act(h)))
+
+
+class AttentionBlock(nn.Module):
+    """Unconditioned self-attention over spatial positions with the legacy qkv channel layout.
+
+    qkv is split per head first, then into q, k, v (channels [q_h, k_h, v_h] per head), and the
+    logits are scaled by 1/sqrt(head_channels) — the official ``QKVAttentionLegacy``. Computed with
+    ``F.scaled_dot_product_attention`` (within float32 tolerance of the einsum formulation).
+    """
+
+    def __init__(self, channels: int, num_heads: int = 1):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"channels {channels} not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        length = x.shape[-1]
+        head_ch = c // self.num_heads
+        qkv = self.qkv(self.norm(x)).reshape(b, self.num_heads, 3 * head_ch, length)
+        q, k, v = (part.transpose(-1, -2) for part in qkv.split(head_ch, dim=2))  # [B, heads, L, ch]
+        a = F.scaled_dot_product_attention(q, k, v)
+        a = a.transpose(-1, -2).reshape(b, c, length)
+        return (x + self.proj_out(a)).reshape(b, c, *spatial)
+
+
+class CondSequential(nn.Sequential):
+    """A Sequential that hands time embedding, z_sem and lateral input to the ResBlocks inside it."""
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        lateral: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb, cond, lateral)
+            else:
+                x = layer(x)
+        return x

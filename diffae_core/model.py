@@ -1,0 +1,338 @@
+"""DiffAE: the facade users touch — encode, invert, decode, sample, classify, manipulate, interpolate.
+
+Images are [B, 3, H, W] float in [-1, 1] at ``config.image_size``; z_sem is [B, Z] (Z = 512 in all
+presets); x_T has the image's shape. Every public inference call runs under ``torch.inference_mode``
+with the networks in eval mode (the caller's train/eval state is restored afterwards), in float32
+unless ``inference_dtype`` is set to torch.bfloat16 / torch.float16 (autocast).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .classifier import AttributeClassifier, resolve_attribute
+from .config import ModelConfig, get_preset
+from .diffusion import GaussianDiffusion
+from .encoder import SemanticEncoder
+from .latent import LatentMLP
+from .unet import ConditionalUNet
+
+NO_LATENT_NET = (
+    "this model has no latent DPM, so it cannot sample unconditionally: train one with "
+    "`diffae train latent --bundle BUNDLE` (or load a bundle / official checkpoint that has one)"
+)
+NO_CLASSIFIER = (
+    "this model has no attribute classifier: train one with `diffae train classifier --bundle BUNDLE` "
+    "or pass classifier_ckpt=... to DiffAE.from_official"
+)
+
+
+class DiffAE(nn.Module):
+    """A Diffusion Autoencoder: semantic encoder + conditional UNet (+ latent DPM, + classifier)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = SemanticEncoder(config.unet, config.encoder)
+        self.unet = ConditionalUNet(config.unet)
+        self.latent_net: LatentMLP | None = None
+        self.register_buffer("latent_mean", None)
+        self.register_buffer("latent_std", None)
+        self.classifier: AttributeClassifier | None = None
+        self.diffusion = GaussianDiffusion(config.diffusion)
+        self.latent_diffusion = GaussianDiffusion(config.latent_diffusion)
+        self.inference_dtype: torch.dtype | None = None
+        self.eval()
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str) -> DiffAE:
+        """Architecture only, random init (the autoencoder; no latent net or classifier yet)."""
+        return cls(get_preset(name))
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> DiffAE:
+        return cls(config)
+
+    @classmethod
+    def load(cls, uri: str | Path, device: str | torch.device = "cpu") -> DiffAE:
+        """Load a bundle directory (local path, file:// or s3:// URI). See ``diffae_core.bundle``."""
+        from .bundle import load_bundle
+
+        return load_bundle(str(uri), device=device)
+
+    def save(self, uri: str | Path) -> None:
+        """Write this model as a bundle (EMA/inference weights, config, manifest with sha256)."""
+        from .bundle import save_bundle
+
+        save_bundle(self, str(uri))
+
+    @classmethod
+    def from_official(
+        cls,
+        path: str | Path,
+        classifier_ckpt: str | Path | None = None,
+        latent_stats: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        image_size: int | None = None,
+    ) -> DiffAE:
+        """Import official phizaz/diffae files (safe: no arbitrary unpickling). See ``official``.
+
+        path: the autoencoder (or autoencoder + latent) ``last.ckpt``; classifier_ckpt: the classifier's
+        ``last.ckpt``; latent_stats: ``latent.pkl``. The architecture is inferred from the weights;
+        ``image_size`` is needed only for files without the ``x_T`` buffer.
+        """
+        from .official import load_official
+
+        return load_official(
+            path, classifier_ckpt=classifier_ckpt, latent_stats=latent_stats, device=device, image_size=image_size
+        )
+
+    def attach_latent(
+        self, net: LatentMLP | dict[str, torch.Tensor], mean: torch.Tensor, std: torch.Tensor
+    ) -> None:
+        """Add a latent DPM (module or state dict for ``config.latent``) and the z statistics [Z]."""
+        if self.config.latent is None:
+            raise ValueError("config.latent is None: set a LatentConfig before attaching a latent net")
+        if isinstance(net, dict):
+            module = LatentMLP(self.config.latent)
+            module.load_state_dict(net)
+            net = module
+        device = self.device
+        self.latent_net = net.to(device).eval()
+        self.latent_mean = mean.detach().reshape(-1).float().to(device)
+        self.latent_std = std.detach().reshape(-1).float().to(device)
+
+    def attach_classifier(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        z_mean: torch.Tensor,
+        z_std: torch.Tensor,
+        attributes: Sequence[str],
+    ) -> None:
+        """Add a linear attribute head: weight [A, Z], bias [A], its own z statistics [Z], A names."""
+        num_attrs, z_dim = weight.shape
+        if len(attributes) != num_attrs:
+            raise ValueError(f"{len(attributes)} attribute names for a {num_attrs}-output classifier")
+        head = AttributeClassifier(z_dim, num_attrs)
+        with torch.no_grad():
+            head.linear.weight.copy_(weight)
+            head.linear.bias.copy_(bias)
+            head.z_mean.copy_(z_mean.reshape(-1))
+            head.z_std.copy_(z_std.reshape(-1))
+        self.classifier = head.to(self.device).eval()
+        self.config.attributes = tuple(attributes)
+
+    # ---- properties --------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def attributes(self) -> list[str]:
+        return list(self.config.attributes or [])
+
+    # ---- raw network calls ---------------------------------------------------------------------
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """eps_hat [B,3,H,W] for x_t [B,3,H,W], t [B] int64 ORIGINAL timesteps in [0,T), z [B,Z]."""
+        with self._inference():
+            x_t = self._check_images(x_t, "x_t").float()
+            return self.unet(x_t, self._check_t(t, x_t.shape[0], self.diffusion.T), z.float()).float()
+
+    def predict_latent_noise(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Raw latent-net call on NORMALISED z: z_t [B,Z], t [B] int64 original timesteps."""
+        net = self._require_latent()
+        with self._inference():
+            return net(z_t.float(), self._check_t(t, z_t.shape[0], self.latent_diffusion.T)).float()
+
+    # ---- autoencoding ----------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """z_sem [B, Z] for images x [B,3,H,W] in [-1,1]."""
+        with self._inference():
+            return self.encoder(self._check_images(x, "x").float()).float()
+
+    def _eps_fn(self, z: torch.Tensor):
+        return lambda x_t, t: self.unet(x_t, t, z).float()
+
+    def encode_stochastic(self, x: torch.Tensor, z: torch.Tensor | None = None, steps: int = 20) -> torch.Tensor:
+        """x_T [B,3,H,W] by DDIM inversion of x [B,3,H,W] in [-1,1] conditioned on z [B,Z] (None -> encode(x))."""
+        with self._inference():
+            x = self._check_images(x, "x").float()
+            z = self.encoder(x).float() if z is None else z.float()
+            return self.diffusion.ddim_invert(self._eps_fn(z), x, steps)
+
+    def decode(self, x_T: torch.Tensor, z: torch.Tensor, steps: int = 20) -> torch.Tensor:
+        """Images [B,3,H,W] in [-1,1] by DDIM from x_T [B,3,H,W] conditioned on z_sem [B,Z]."""
+        with self._inference():
+            x_T = self._check_images(x_T, "x_T")
+            return self.diffusion.ddim_sample(self._eps_fn(z.float()), x_T, steps)
+
+    def reconstruct(self, x: torch.Tensor, steps: int = 20, inversion_steps: int | None = None) -> torch.Tensor:
+        """encode -> invert -> decode: near-exact reconstruction of x [B,3,H,W] in [-1,1]."""
+        z = self.encode(x)
+        x_T = self.encode_stochastic(x, z, steps=inversion_steps or steps)
+        return self.decode(x_T, z, steps=steps)
+
+    # ---- unconditional sampling ----------------------------------------------------------------
+    def sample_latent(
+        self,
+        n: int,
+        latent_steps: int = 20,
+        latent_noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        clip_latent_noise: bool = False,
+    ) -> torch.Tensor:
+        """Raw z_sem [n, Z] from the latent DPM (DDIM without x0 clipping, then de-normalised)."""
+        net = self._require_latent()
+        with self._inference():
+            z_dim = self.config.z_dim
+            if latent_noise is None:
+                latent_noise = torch.randn(n, z_dim, generator=generator, device=self._gen_device(generator))
+            latent_noise = latent_noise.to(self.device, torch.float32)
+            if latent_noise.shape != (n, z_dim):
+                raise ValueError(f"latent_noise must be [{n}, {z_dim}], got {list(latent_noise.shape)}")
+            if clip_latent_noise:
+                latent_noise = latent_noise.clamp(-1, 1)
+            z_n = self.latent_diffusion.ddim_sample(
+                lambda z_t, t: net(z_t, t).float(), latent_noise, latent_steps, clip=False
+            )
+            return z_n * self.latent_std + self.latent_mean
+
+    def sample(
+        self,
+        n: int,
+        steps: int = 20,
+        latent_steps: int = 20,
+        noise: torch.Tensor | None = None,
+        latent_noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        clip_latent_noise: bool = False,
+    ) -> torch.Tensor:
+        """n unconditional images [n,3,H,W] in [-1,1]: latent DDIM -> z_sem -> image DDIM from noise.
+
+        Pass ``noise`` [n,3,H,W] and ``latent_noise`` [n,Z] (or a ``generator``) for reproducibility.
+        """
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        z = self.sample_latent(n, latent_steps, latent_noise, generator, clip_latent_noise)
+        with self._inference():
+            size = self.image_size
+            if noise is None:
+                noise = torch.randn(n, 3, size, size, generator=generator, device=self._gen_device(generator))
+            noise = noise.to(self.device, torch.float32)
+            if noise.shape != (n, 3, size, size):
+                raise ValueError(f"noise must be [{n}, 3, {size}, {size}], got {list(noise.shape)}")
+        return self.decode(noise, z, steps=steps)
+
+    # ---- attributes --------------------------------------------------------------------------
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """Attribute logits [B, A] for raw z_sem [B, Z] (names in ``self.attributes``)."""
+        head = self._require_classifier()
+        with self._inference():
+            return head(z.float().to(self.device)).float()
+
+    def manipulate(self, z: torch.Tensor, attribute: str | int, alpha: float | torch.Tensor) -> torch.Tensor:
+        """z_sem moved along an attribute: normalise, step alpha*sqrt(Z) along the unit classifier row,
+        de-normalise. z: [B, Z]; alpha: scalar or [B] (official range about +-0.5)."""
+        head = self._require_classifier()
+        index = resolve_attribute(self.attributes, attribute)
+        alpha_t = torch.as_tensor(alpha, dtype=torch.float32)
+        if not torch.isfinite(alpha_t).all():
+            raise ValueError(f"alpha must be finite, got {alpha!r}")
+        with self._inference():
+            return head.manipulate(z.float().to(self.device), index, alpha_t.to(self.device))
+
+    # ---- interpolation -----------------------------------------------------------------------
+    def interpolate(
+        self,
+        x_a: torch.Tensor,
+        x_b: torch.Tensor,
+        n: int = 10,
+        steps: int = 20,
+        inversion_steps: int | None = None,
+    ) -> torch.Tensor:
+        """n images [n,3,H,W] in [-1,1] between x_a and x_b ([3,H,W] or [1,3,H,W] in [-1,1]).
+
+        z_sem is interpolated linearly and x_T (from DDIM inversion) spherically, at alpha =
+        linspace(0, 1, n).
+        """
+        if not isinstance(n, int) or n < 2:
+            raise ValueError(f"n must be an int >= 2, got {n!r}")
+        pair = torch.cat([x_a.reshape(1, *x_a.shape[-3:]), x_b.reshape(1, *x_b.shape[-3:])])
+        z = self.encode(pair)
+        x_T = self.encode_stochastic(pair, z, steps=inversion_steps or steps)
+        alpha = torch.linspace(0, 1, n, device=z.device)[:, None]
+        z_i = (1 - alpha) * z[0] + alpha * z[1]
+        x_T_i = slerp(x_T[0].flatten(), x_T[1].flatten(), alpha).reshape(n, *x_T.shape[1:])
+        return self.decode(x_T_i, z_i, steps=steps)
+
+    # ---- training ----------------------------------------------------------------------------
+    def training_loss(
+        self, x0: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean eps-MSE over the batch for clean images x0 [B,3,H,W] in [-1,1] (gradients flow into
+        encoder and UNet). t [B] int64 and noise default to uniform / standard normal draws."""
+        t = self.diffusion.sample_t(x0.shape[0], x0.device) if t is None else t
+        noise = torch.randn_like(x0) if noise is None else noise
+        z = self.encoder(x0)
+        return self.diffusion.training_loss(lambda x_t, tt: self.unet(x_t, tt, z), x0, t, noise).mean()
+
+    # ---- helpers -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        was_training = [m.training for m in self.modules()]
+        self.eval()
+        dtype = self.inference_dtype
+        device_type = self.device.type
+        try:
+            with torch.inference_mode(), torch.autocast(device_type, dtype=dtype or torch.float32,
+                                                         enabled=dtype is not None):
+                yield
+        finally:
+            for m, mode in zip(self.modules(), was_training):
+                m.training = mode
+
+    def _gen_device(self, generator: torch.Generator | None) -> torch.device:
+        return generator.device if generator is not None else self.device
+
+    def _check_images(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        size = self.image_size
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (3, size, size):
+            shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a [B, 3, {size}, {size}] tensor, got {shape}")
+        return x.to(self.device)
+
+    @staticmethod
+    def _check_t(t: torch.Tensor, batch: int, T: int) -> torch.Tensor:
+        if t.dtype not in (torch.int64, torch.int32) or t.shape != (batch,):
+            raise ValueError(f"t must be an integer tensor of shape [{batch}], got {t.dtype} {list(t.shape)}")
+        return t.long()
+
+    def _require_latent(self) -> LatentMLP:
+        if self.latent_net is None:
+            raise RuntimeError(NO_LATENT_NET)
+        return self.latent_net
+
+    def _require_classifier(self) -> AttributeClassifier:
+        if self.classifier is None:
+            raise RuntimeError(NO_CLASSIFIER)
+        return self.classifier
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of flat vectors a, b [D] at alpha [n, 1] -> [n, D] (lerp if parallel)."""
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).clamp(-1, 1)
+    theta = torch.arccos(cos)
+    if theta.abs() < 1e-6:
+        return (1 - alpha) * a + alpha * b
+    return (torch.sin((1 - alpha) * theta) * a + torch.sin(alpha * theta) * b) / torch.sin(theta)

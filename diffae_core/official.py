@@ -1,0 +1,568 @@
+"""Import (and export) the OFFICIAL phizaz/diffae checkpoints, safely and without a config.
+
+Files understood:
+
+- ``last.ckpt`` of an autoencoder or autoencoder + latent DPM (a PyTorch-Lightning 1.4 checkpoint);
+  the EMA weights (``ema_model.*``) are used, the online copy (``model.*``) is ignored;
+- a classifier ``last.ckpt`` (``conds_mean``/``conds_std`` [1,Z] and the ONLINE ``classifier.*``
+  weights, which the official manipulation uses);
+- ``latent.pkl``: ``{'conds', 'conds_mean', 'conds_std'}`` (z_sem statistics of the training set).
+
+Nothing is unpickled with the full pickle machinery: files go through torch's ``weights_only``
+unpickler. Lightning 1.4 keys its ``callbacks`` dict by the class object
+``pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint``; such Lightning callback classes are
+mapped to inert stand-ins, so the files load without Lightning installed. Any other global
+(``os.system``, ``builtins.eval``, ...) raises :class:`UnsafeCheckpointError` before anything runs.
+
+The architecture (channels, levels, res blocks, attention, z / latent sizes) is inferred from key
+names and shapes, rebuilt, and checked key-by-key against the file.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+import pickletools
+import re
+import warnings
+import zipfile
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import CELEBAHQ_ATTRIBUTES, EncoderConfig, LatentConfig, ModelConfig, UNetConfig
+from .latent import LatentMLP
+from .model import DiffAE
+
+log = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+StateDict = dict[str, Tensor]
+
+# Class objects that Lightning pickles as dict keys get an inert stand-in; its AttributeDict
+# (hyper-parameters in some versions) becomes a plain dict. Nothing else is let through.
+_LIGHTNING_CLASS = re.compile(r"^pytorch_lightning\.callbacks(\.[A-Za-z_]\w*)+$")
+_LIGHTNING_DICT = "pytorch_lightning.utilities.parsing.AttributeDict"
+_TORCH_EXTRAS = {"collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.bytearray"}
+_LATENT_ALIAS = re.compile(r"^layers\.(\d+)\.cond_layers\.1\.(weight|bias)$")
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """The file references Python globals that a weights-only checkpoint must not contain."""
+
+
+class OfficialFormatError(ValueError):
+    """The file is readable but is not an official Diff-AE checkpoint we know how to import."""
+
+
+class LightningStandIn:
+    """Inert placeholder for a Lightning class object found in a checkpoint (``official_path``)."""
+
+    official_path: str = ""
+
+
+# ---- safe reading ------------------------------------------------------------------------------
+
+
+def pickle_globals(path: str | Path) -> list[str]:
+    """Every global (``module.name``) referenced by the pickle(s) of a ``torch.save`` file.
+
+    Static disassembly only (``pickletools``): nothing is imported or executed. Handles the zip
+    format (``data.pkl``) and the legacy format (a sequence of pickles).
+    """
+    path = Path(path)
+    if _is_zip(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                pickles = [n for n in archive.namelist() if n.endswith(".pkl")]
+                return sorted({g for n in pickles for g in _scan_pickle(io.BytesIO(archive.read(n)))})
+        except Exception as err:  # noqa: BLE001 - whatever is wrong, the file cannot be vetted
+            raise UnsafeCheckpointError(f"{path}: cannot inspect the checkpoint's pickle ({err})") from None
+    found: set[str] = set()
+    with open(path, "rb") as stream:
+        # legacy: magic number, protocol, sys info, the object, storage keys (then raw storage bytes)
+        for _ in range(5):
+            try:
+                found.update(_scan_pickle(stream))
+            except Exception:  # noqa: BLE001 - past the last pickle or not a pickle: stop scanning
+                break
+    return sorted(found)
+
+
+def _scan_pickle(stream: io.IOBase) -> set[str]:
+    found: set[str] = set()
+    proto = 0
+    pushed: deque[Any] = deque([None, None], maxlen=2)  # last pushes: STACK_GLOBAL's operands
+    memo: dict[int, Any] = {}
+    for op, arg, _ in pickletools.genops(stream):
+        if op.name == "PROTO":
+            proto = arg
+        elif op.name in ("GLOBAL", "INST"):
+            module, name = arg.split(" ", 1)
+            if proto < 3:  # protocol 2 writes Python-2 names (e.g. __builtin__)
+                module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
+            found.add(f"{module}.{name}")
+        elif op.name == "STACK_GLOBAL":
+            module, name = pushed
+            found.add(
+                f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else "<STACK_GLOBAL>"
+            )
+        elif "UNICODE" in op.name or "STRING" in op.name:
+            pushed.append(arg)
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1]
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = pushed[-1]
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(arg))
+        else:
+            pushed.append(None)
+    return found
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as stream:  # the test torch.load uses: a local-file-header magic at offset 0
+        return stream.read(4) == b"PK\x03\x04"
+
+
+def _torch_allows(name: str) -> bool:
+    """Whether torch's weights_only unpickler allows this global by default (tensors, dtypes, ...)."""
+    from torch import _weights_only_unpickler as wo
+
+    if hasattr(wo, "_get_allowed_globals"):
+        return name in wo._get_allowed_globals()
+    return name.startswith("torch.") or name in _TORCH_EXTRAS  # private API gone: torch still checks
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers (+ Lightning class stand-ins).
+
+    Raises :class:`UnsafeCheckpointError` naming the offending globals, before anything is loaded,
+    when the file references any other Python global. CPU tensors; memory-mapped for zip files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    referenced = pickle_globals(path)
+    stand_ins = [(_stand_in(g), g) for g in referenced if g == _LIGHTNING_DICT or _LIGHTNING_CLASS.match(g)]
+    unsafe = sorted(set(referenced) - {g for _, g in stand_ins} - {g for g in referenced if _torch_allows(g)})
+    if unsafe:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it references the Python global(s) {', '.join(unsafe)}, which a "
+            "weights-only checkpoint never needs (loading could run arbitrary code). Nothing was executed. "
+            "Only load files from sources you trust; official Diff-AE checkpoints contain no such globals."
+        )
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as err:  # torch's own allowlist is the second line of defence
+        raise UnsafeCheckpointError(f"refusing to load {path}: {err}") from None
+
+
+def _stand_in(official_path: str) -> type:
+    if official_path == _LIGHTNING_DICT:
+        return dict
+    name = official_path.rsplit(".", 1)[1]
+    return type(name, (LightningStandIn,), {"official_path": official_path, "__module__": __name__})
+
+
+def read_lightning_checkpoint(path: str | Path) -> tuple[StateDict, int | None]:
+    """(state_dict, global_step) of a Lightning checkpoint; a bare state dict is accepted too."""
+    obj = safe_torch_load(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        state, step = obj["state_dict"], obj.get("global_step")
+    elif isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        state, step = obj, None
+    else:
+        raise OfficialFormatError(f"{path}: expected a Lightning checkpoint with a 'state_dict' entry")
+    return {str(k): v for k, v in state.items() if isinstance(v, Tensor)}, step
+
+
+def read_latent_stats(path: str | Path) -> tuple[Tensor, Tensor]:
+    """(mean [Z], std [Z]) from an official ``latent.pkl`` (or any file with conds_mean/conds_std)."""
+    obj = safe_torch_load(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not (isinstance(obj, Mapping) and "conds_mean" in obj and "conds_std" in obj):
+        raise OfficialFormatError(f"{path}: expected a latent.pkl with 'conds_mean' and 'conds_std' tensors")
+    # clone: the loaded tensors may be memory-mapped from the file
+    return obj["conds_mean"].float().reshape(-1).clone(), obj["conds_std"].float().reshape(-1).clone()
+
+
+# ---- architecture inference --------------------------------------------------------------------
+
+
+def _indices(weights: Mapping[str, Tensor], prefix: str) -> list[int]:
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    found = sorted({int(m.group(1)) for k in weights if (m := pattern.match(k))})
+    if found != list(range(len(found))):
+        raise OfficialFormatError(f"{prefix}: block indices are not contiguous: {found}")
+    return found
+
+
+def _shape(weights: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
+    if key not in weights:
+        raise OfficialFormatError(f"missing key {key!r}: not an official Diff-AE autoencoder checkpoint")
+    return tuple(weights[key].shape)
+
+
+def _mult(channels: int, model_channels: int, where: str) -> int:
+    if channels % model_channels:
+        raise OfficialFormatError(
+            f"{where}: {channels} channels is not a multiple of net_ch={model_channels}"
+        )
+    return channels // model_channels
+
+
+def _out_ch(weights: Mapping[str, Tensor], block: str) -> int:
+    return _shape(weights, f"{block}.in_layers.2.weight")[0]
+
+
+def _attention_resolutions(levels_with_attention: list[bool], image_size: int) -> tuple[int, ...]:
+    return tuple(image_size // 2**lvl for lvl, has in enumerate(levels_with_attention) if has)
+
+
+def _infer_unet(w: Mapping[str, Tensor], image_size: int) -> tuple[UNetConfig, int]:
+    """Decoder config and its input-path res blocks per level."""
+    if "time_embed.0.weight" in w:
+        raise OfficialFormatError(
+            "this is a DDIM baseline (beatgans_ddpm) checkpoint without a semantic encoder; only Diff-AE "
+            "autoencoder checkpoints (ffhq*_autoenc*, bedroom128/horse128_autoenc*, celeba64d2c_autoenc*) import"
+        )
+    embed_channels, model_channels = _shape(w, "time_embed.time_embed.0.weight")
+    n_out = len(_indices(w, "output_blocks"))
+    # an up ResBlock (.1 without attention, .2 with) closes every decoder level but the top one
+    closes = [any(f"output_blocks.{k}.{j}.in_layers.2.weight" in w for j in (1, 2)) for k in range(n_out)]
+    levels = sum(closes) + 1
+    per_level = n_out // levels
+    expected = [(k + 1) % per_level == 0 and k < n_out - per_level for k in range(n_out)]
+    if n_out % levels or per_level < 1 or closes != expected:
+        raise OfficialFormatError(
+            f"unexpected decoder layout: {n_out} output blocks, up blocks at "
+            f"{[k for k, c in enumerate(closes) if c]}"
+        )
+    first = [(levels - 1 - lvl) * per_level for lvl in range(levels)]  # first output block of each level
+    channel_mult = tuple(
+        _mult(_out_ch(w, f"output_blocks.{k}.0"), model_channels, f"output_blocks.{k}") for k in first
+    )
+    attention = [f"output_blocks.{k}.1.qkv.weight" in w for k in first]
+    n_in = len(_indices(w, "input_blocks"))
+    input_res_blocks, rest = divmod(n_in - 1 - (levels - 1), levels)
+    if rest or input_res_blocks < 1:
+        raise OfficialFormatError(f"unexpected decoder input path: {n_in} blocks for {levels} levels")
+    if image_size % 2 ** (levels - 1):
+        raise OfficialFormatError(
+            f"image size {image_size} is not divisible by 2^{levels - 1} ({levels} levels)"
+        )
+    num_res_blocks = per_level - 1
+    cfg = UNetConfig(
+        image_size=image_size,
+        in_channels=_shape(w, "input_blocks.0.0.weight")[1],
+        out_channels=_shape(w, "out.2.weight")[0],
+        model_channels=model_channels,
+        channel_mult=channel_mult,
+        num_res_blocks=num_res_blocks,
+        num_input_res_blocks=None if input_res_blocks == num_res_blocks else input_res_blocks,
+        attention_resolutions=_attention_resolutions(attention, image_size),
+        embed_channels=embed_channels,
+        cond_channels=_shape(w, "middle_block.0.cond_emb_layers.1.weight")[1],
+    )
+    return cfg, input_res_blocks
+
+
+def _encoder_layout(w: Mapping[str, Tensor], levels: int, res_blocks: int, mc: int) -> tuple | None:
+    """(channel_mult, attention per level) if the encoder blocks fit this split, else None."""
+    mults, attention = [], []
+    ch = _shape(w, "encoder.input_blocks.0.0.weight")[0]
+    for lvl in range(levels):
+        base = 1 + lvl * (res_blocks + 1)
+        blocks = [f"encoder.input_blocks.{base + j}" for j in range(res_blocks)]
+        outs = {_out_ch(w, f"{b}.0") for b in blocks}
+        attn = {f"{b}.1.qkv.weight" in w for b in blocks}
+        if len(outs) != 1 or len(attn) != 1:
+            return None
+        ch = outs.pop()
+        if lvl < levels - 1:
+            down = f"encoder.input_blocks.{base + res_blocks}"
+            if _shape(w, f"{down}.0.in_layers.2.weight")[:2] != (ch, ch) or f"{down}.1.norm.weight" in w:
+                return None
+        if ch % mc:
+            return None
+        mults.append(ch // mc)
+        attention.append(attn.pop())
+    if ch != _shape(w, "encoder.out.3.weight")[1]:
+        return None
+    return tuple(mults), attention
+
+
+def _infer_encoder(w: Mapping[str, Tensor], unet: UNetConfig, input_res_blocks: int) -> EncoderConfig:
+    n_blocks = len(_indices(w, "encoder.input_blocks")) - 1  # without the stem conv
+    fits = {}
+    for levels in range(1, n_blocks + 2):
+        per_level, rest = divmod(n_blocks + 1, levels)  # res blocks + the down block (or the stem)
+        if rest == 0 and per_level >= 2 and unet.image_size % 2 ** (levels - 1) == 0:
+            layout = _encoder_layout(w, levels, per_level - 1, unet.model_channels)
+            if layout is not None:
+                fits[(levels, per_level - 1)] = layout
+
+    # the official encoder repeats the decoder's res blocks and adds one level; prefer that reading
+    def rank(split: tuple[int, int]) -> tuple[bool, bool]:
+        return split[1] != input_res_blocks, split[0] != len(unet.channel_mult) + 1
+
+    ranked = sorted(fits, key=rank)
+    if not ranked or (len(ranked) > 1 and rank(ranked[0]) == rank(ranked[1])):
+        raise OfficialFormatError(
+            f"cannot determine the encoder's levels from {n_blocks + 1} input blocks "
+            f"(consistent (levels, res blocks) splits: {sorted(fits)})"
+        )
+    levels, res_blocks = ranked[0]
+    mults, attention = fits[ranked[0]]
+    attn = _attention_resolutions(attention, unet.image_size)
+    return EncoderConfig(
+        channel_mult=mults,
+        num_res_blocks=res_blocks,
+        attention_resolutions=None if attn == unet.attention_resolutions else attn,
+        out_channels=_shape(w, "encoder.out.3.weight")[0],
+    )
+
+
+def _infer_latent(w: Mapping[str, Tensor]) -> LatentConfig:
+    """Latent MLP config from latent-net keys WITHOUT the ``latent_net.`` prefix."""
+    if sorted(k for k in w if k.startswith("time_embed.")) != [
+        f"time_embed.{i}.{p}" for i in (0, 2) for p in ("bias", "weight")
+    ]:
+        raise OfficialFormatError(
+            "latent net: only the official 2-layer time MLP (Linear, SiLU, Linear) is supported"
+        )
+    channels, time_channels = _shape(w, "time_embed.0.weight")
+    num_layers = len(_indices(w, "layers"))
+    if num_layers < 2:
+        raise OfficialFormatError(f"latent net with {num_layers} layer(s): at least 2 expected")
+    hidden = _shape(w, "layers.0.linear.weight")[0]
+    skip = []
+    for i in range(num_layers):
+        extra = _shape(w, f"layers.{i}.linear.weight")[1] - (channels if i == 0 else hidden)
+        if extra not in (0, channels):
+            raise OfficialFormatError(f"latent net layer {i}: input width does not match a (skip) layer")
+        if extra:
+            skip.append(i)
+    return LatentConfig(
+        num_channels=channels,
+        num_hid_channels=hidden,
+        num_layers=num_layers,
+        num_time_emb_channels=time_channels,
+        skip_layers=None if skip == list(range(1, num_layers)) else tuple(skip),
+        use_norm="layers.0.norm.weight" in w,
+    )
+
+
+def split_official(weights: Mapping[str, Tensor]) -> dict[str, StateDict]:
+    """Split one official model copy (no ``ema_model.`` prefix) into our parts.
+
+    Returns {'unet', 'encoder', 'latent_net'} state dicts in our key layout; the latent net's
+    ``cond_layers.1`` alias of ``linear_emb`` (the same tensor in official files) is dropped.
+    """
+    parts: dict[str, StateDict] = {"unet": {}, "encoder": {}, "latent_net": {}}
+    for key, value in weights.items():
+        for part in ("encoder", "latent_net"):
+            if key.startswith(part + "."):
+                parts[part][key[len(part) + 1 :]] = value
+                break
+        else:
+            parts["unet"][key] = value
+    latent = parts["latent_net"]
+    for key in [k for k in latent if _LATENT_ALIAS.match(k)]:
+        latent.setdefault(key.replace("cond_layers.1", "linear_emb"), latent.pop(key))
+    return parts
+
+
+def infer_config(weights: Mapping[str, Tensor], image_size: int, name: str = "official") -> ModelConfig:
+    """The :class:`ModelConfig` of one official model copy (keys without ``ema_model.``)."""
+    parts = split_official(weights)
+    unet, input_res_blocks = _infer_unet(parts["unet"], image_size)
+    encoder = _infer_encoder(weights, unet, input_res_blocks)
+    latent = _infer_latent(parts["latent_net"]) if parts["latent_net"] else None
+    return ModelConfig(name=name, unet=unet, encoder=encoder, latent=latent)
+
+
+def check_state_dict(module: torch.nn.Module, expected: Mapping[str, Tensor], part: str) -> None:
+    """Raise :class:`OfficialFormatError` listing every key/shape difference between a module and a file."""
+    have = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    want = {k: tuple(v.shape) for k, v in expected.items()}
+    problems = [f"missing in file: {k} {have[k]}" for k in sorted(set(have) - set(want))]
+    problems += [f"unexpected in file: {k} {want[k]}" for k in sorted(set(want) - set(have))]
+    problems += [
+        f"shape: {k} file {want[k]} vs rebuilt {have[k]}"
+        for k in sorted(set(have) & set(want))
+        if have[k] != want[k]
+    ]
+    if problems:
+        shown = "\n  ".join(problems[:30]) + (
+            f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else ""
+        )
+        raise OfficialFormatError(
+            f"the inferred architecture does not reproduce the checkpoint's {part} "
+            f"({len(problems)} difference(s)):\n  {shown}\nThe file may come from a variant of the official code "
+            "that diffae-ray does not support; please report it with the list above."
+        )
+
+
+# ---- import -------------------------------------------------------------------------------------
+
+
+def _ema_weights(state: Mapping[str, Tensor], path: str | Path) -> StateDict:
+    ema = {k[len("ema_model.") :]: v for k, v in state.items() if k.startswith("ema_model.")}
+    if not ema:
+        raise OfficialFormatError(
+            f"{path}: no EMA weights (ema_model.*) found. Pass the autoencoder's last.ckpt here; a classifier "
+            "checkpoint goes to classifier_ckpt=, a latent.pkl to latent_stats="
+        )
+    return ema
+
+
+def _image_size(state: Mapping[str, Tensor], image_size: int | None, path: str | Path) -> int:
+    if image_size is not None:
+        return int(image_size)
+    x_T = state.get("x_T")
+    if x_T is None or x_T.dim() != 4 or x_T.shape[-1] != x_T.shape[-2]:
+        raise OfficialFormatError(
+            f"{path} has no x_T buffer [N,3,H,W] to read the image size from: pass image_size=... "
+            "(64, 128 or 256 for the official models)"
+        )
+    return int(x_T.shape[-1])
+
+
+def _name_from_path(path: Path) -> str:
+    return path.parent.name if path.stem == "last" and path.parent.name else path.stem
+
+
+def load_official(
+    path: str | Path,
+    classifier_ckpt: str | Path | None = None,
+    latent_stats: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    image_size: int | None = None,
+) -> DiffAE:
+    """A :class:`DiffAE` from official files; the architecture is inferred from the checkpoint.
+
+    :param path: autoencoder (or autoencoder + latent DPM) ``last.ckpt``; EMA weights are used.
+    :param classifier_ckpt: optional classifier ``last.ckpt`` (online weights, its own z statistics);
+        40 outputs get the CelebA-HQ attribute names, other sizes ``attr_0..attr_{A-1}``.
+    :param latent_stats: optional ``latent.pkl``; overrides the latent checkpoint's conds_mean/std.
+    :param image_size: only needed when the checkpoint has no ``x_T`` buffer.
+    """
+    path = Path(path)
+    state, step = read_lightning_checkpoint(path)
+    ema = _ema_weights(state, path)
+    config = infer_config(ema, _image_size(state, image_size, path), name=_name_from_path(path))
+    parts = split_official(ema)
+    model = DiffAE(config)
+    check_state_dict(model.encoder, parts["encoder"], "encoder")
+    check_state_dict(model.unet, parts["unet"], "decoder UNet")
+    model.encoder.load_state_dict(parts["encoder"])
+    model.unet.load_state_dict(parts["unet"])
+
+    if config.latent is not None:
+        latent_net = LatentMLP(config.latent)
+        check_state_dict(latent_net, parts["latent_net"], "latent net")
+        latent_net.load_state_dict(parts["latent_net"])
+        if latent_stats is not None:
+            mean, std = read_latent_stats(latent_stats)
+        elif "conds_mean" in state and "conds_std" in state:
+            mean, std = state["conds_mean"].clone(), state["conds_std"].clone()
+        else:
+            raise OfficialFormatError(
+                f"{path} has a latent net but no conds_mean/conds_std: pass latent_stats="
+                "'checkpoints/<base>/latent.pkl'"
+            )
+        _check_z_dim(mean, std, config.z_dim, "latent statistics")
+        model.attach_latent(latent_net, mean, std)
+    elif latent_stats is not None:
+        warnings.warn(f"latent_stats={latent_stats} ignored: {path} has no latent net", stacklevel=2)
+
+    if classifier_ckpt is not None:
+        _attach_official_classifier(model, classifier_ckpt)
+    log.info("imported %s (global_step %s) as %s", path, step, config.name)
+    return model.to(device)
+
+
+def _check_z_dim(mean: Tensor, std: Tensor, z_dim: int, what: str) -> None:
+    if mean.numel() != z_dim or std.numel() != z_dim:
+        raise OfficialFormatError(
+            f"{what} have {mean.numel()}/{std.numel()} entries, the encoder's z_sem {z_dim}"
+        )
+
+
+def _attach_official_classifier(model: DiffAE, path: str | Path) -> None:
+    state, _ = read_lightning_checkpoint(path)
+    needed = ("classifier.weight", "classifier.bias", "conds_mean", "conds_std")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise OfficialFormatError(f"{path}: not an official classifier checkpoint (missing {missing})")
+    weight, bias = state["classifier.weight"].float(), state["classifier.bias"].float()
+    if weight.dim() != 2 or weight.shape[1] != model.config.z_dim:
+        raise OfficialFormatError(
+            f"{path}: classifier weight {tuple(weight.shape)} does not fit z_sem "
+            f"of size {model.config.z_dim}; is it the classifier of this autoencoder?"
+        )
+    _check_z_dim(state["conds_mean"], state["conds_std"], model.config.z_dim, "classifier statistics")
+    num = weight.shape[0]
+    names = CELEBAHQ_ATTRIBUTES if num == len(CELEBAHQ_ATTRIBUTES) else tuple(f"attr_{i}" for i in range(num))
+    model.attach_classifier(weight, bias, state["conds_mean"].float(), state["conds_std"].float(), names)
+
+
+def convert_official(
+    ckpt: str | Path,
+    out_dir: str | Path,
+    classifier: str | Path | None = None,
+    latent_stats: str | Path | None = None,
+    image_size: int | None = None,
+) -> DiffAE:
+    """Import official files (see :func:`load_official`) and save them as our bundle at ``out_dir``."""
+    model = load_official(ckpt, classifier_ckpt=classifier, latent_stats=latent_stats, image_size=image_size)
+    model.save(out_dir)
+    return model
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+
+def to_official_state_dict(model: DiffAE) -> StateDict:
+    """Our weights in the official ``LitModel`` layout (``model.*`` = ``ema_model.*`` = our weights).
+
+    Includes an ``x_T`` buffer [1,3,H,W] (zeros; the official one is logging noise), the latent net
+    with its ``cond_layers.1`` aliases, and ``conds_mean``/``conds_std`` [1,Z] when a latent net exists.
+    """
+    copy: StateDict = {}
+    copy.update({k: v for k, v in model.unet.state_dict().items()})
+    copy.update({f"encoder.{k}": v for k, v in model.encoder.state_dict().items()})
+    if model.latent_net is not None:
+        for key, value in model.latent_net.state_dict().items():
+            copy[f"latent_net.{key}"] = value
+            if ".linear_emb." in key:
+                copy[f"latent_net.{key.replace('.linear_emb.', '.cond_layers.1.')}"] = value
+    out: StateDict = {
+        f"{prefix}.{k}": v.detach() for prefix in ("model", "ema_model") for k, v in copy.items()
+    }
+    out["x_T"] = torch.zeros(1, model.unet.cfg.in_channels, model.image_size, model.image_size)
+    if model.latent_net is not None:
+        out["conds_mean"] = model.latent_mean.detach().reshape(1, -1)
+        out["conds_std"] = model.latent_std.detach().reshape(1, -1)
+    return out
+
+
+def to_official_classifier_state_dict(model: DiffAE) -> StateDict:
+    """The classifier in the official ``ClsModel`` layout (online and EMA copies both ours)."""
+    head = model.classifier
+    if head is None:
+        raise ValueError("this model has no attribute classifier to export")
+    out = {"conds_mean": head.z_mean.reshape(1, -1), "conds_std": head.z_std.reshape(1, -1)}
+    for prefix in ("classifier", "ema_classifier"):
+        out[f"{prefix}.weight"] = head.linear.weight
+        out[f"{prefix}.bias"] = head.linear.bias
+    return {k: v.detach() for k, v in out.items()}

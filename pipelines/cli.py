@@ -1,0 +1,41 @@
+"""The ``diffae`` command: a thin dispatcher over the job modules and the server.
+
+Each sub-command hands its remaining arguments to the ``main(argv)`` of the module that implements it,
+so ``diffae train autoencoder ...`` and ``python -m pipelines.train_autoencoder ...`` (what
+``ray job submit`` runs) take exactly the same flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# command words -> (module, one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("convert-official",): ("pipelines.convert_official", "import official phizaz/diffae checkpoints as a bundle"),
+}
+
+
+def _usage() -> str:
+    width = max(len(" ".join(words)) for words in COMMANDS)
+    lines = [f"  diffae {' '.join(words):<{width}}  {help_}" for words, (_, help_) in sorted(COMMANDS.items())]
+    return "usage: diffae COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(lines) + "\n\n`diffae COMMAND --help` for its flags."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    for words, (module, _) in sorted(COMMANDS.items(), key=lambda item: -len(item[0])):
+        if tuple(argv[: len(words)]) == words:
+            job = importlib.import_module(module)
+            return int(job.main(argv[len(words):], prog=f"diffae {' '.join(words)}") or 0)
+    print(f"diffae: unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
