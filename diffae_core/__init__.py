@@ -3,7 +3,15 @@
 This package never imports Ray; the Ray jobs live in ``pipelines`` and the server in ``serving``.
 """
 
-from .config import PRESETS, DiffusionConfig, EncoderConfig, LatentConfig, ModelConfig, TrainConfig, UNetConfig
+from .config import (
+    PRESETS,
+    DiffusionConfig,
+    EncoderConfig,
+    LatentConfig,
+    ModelConfig,
+    TrainConfig,
+    UNetConfig,
+)
 from .model import DiffAE
 
 __all__ = [

@@ -27,7 +27,7 @@ def shapes_attributes(index: int, seed: int = 0) -> dict[str, int]:
     """The four binary attributes of image ``index`` (cheap: no drawing)."""
     rng = np.random.default_rng([seed, index])
     bits = rng.integers(0, 2, size=4)
-    return dict(zip(SHAPES_ATTRIBUTES, (int(b) for b in bits)))
+    return dict(zip(SHAPES_ATTRIBUTES, (int(b) for b in bits), strict=True))
 
 
 def render_shape(index: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, dict[str, int]]:

@@ -180,8 +180,8 @@ class GaussianDiffusion:
     def ddim_sample(self, eps_fn: EpsFn, x_T: torch.Tensor, steps: int, clip: bool | None = None) -> torch.Tensor:
         """Deterministic DDIM from x_T [B, ...] to x_0 [B, ...] in ``steps`` network calls."""
         x = x_T
-        for x, _ in self.ddim_sample_progressive(eps_fn, x_T, steps, clip):
-            pass
+        for step, _ in self.ddim_sample_progressive(eps_fn, x_T, steps, clip):
+            x = step
         return x
 
     def ddim_invert(self, eps_fn: EpsFn, x0: torch.Tensor, steps: int, clip: bool | None = None) -> torch.Tensor:

@@ -299,7 +299,7 @@ class DiffAE(nn.Module):
                                                          enabled=dtype is not None):
                 yield
         finally:
-            for m, mode in zip(self.modules(), was_training):
+            for m, mode in zip(self.modules(), was_training, strict=True):
                 m.training = mode
 
     def _gen_device(self, generator: torch.Generator | None) -> torch.device:

@@ -20,155 +20,38 @@ names and shapes, rebuilt, and checked key-by-key against the file.
 
 from __future__ import annotations
 
-import io
 import logging
-import pickle
-import pickletools
 import re
 import warnings
-import zipfile
-from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
-from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .config import CELEBAHQ_ATTRIBUTES, EncoderConfig, LatentConfig, ModelConfig, UNetConfig
 from .latent import LatentMLP
 from .model import DiffAE
+from .safe_load import LightningStandIn, UnsafeCheckpointError, pickle_globals, safe_torch_load
+
+__all__ = [
+    "LightningStandIn", "OfficialFormatError", "UnsafeCheckpointError", "convert_official", "infer_config",
+    "load_official", "pickle_globals", "read_latent_stats", "read_lightning_checkpoint", "safe_torch_load",
+    "to_official_classifier_state_dict", "to_official_state_dict",
+]
 
 log = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
 StateDict = dict[str, Tensor]
 
-# Class objects that Lightning pickles as dict keys get an inert stand-in; its AttributeDict
-# (hyper-parameters in some versions) becomes a plain dict. Nothing else is let through.
-_LIGHTNING_CLASS = re.compile(r"^pytorch_lightning\.callbacks(\.[A-Za-z_]\w*)+$")
-_LIGHTNING_DICT = "pytorch_lightning.utilities.parsing.AttributeDict"
-_TORCH_EXTRAS = {"collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.bytearray"}
 _LATENT_ALIAS = re.compile(r"^layers\.(\d+)\.cond_layers\.1\.(weight|bias)$")
-
-
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """The file references Python globals that a weights-only checkpoint must not contain."""
 
 
 class OfficialFormatError(ValueError):
     """The file is readable but is not an official Diff-AE checkpoint we know how to import."""
 
 
-class LightningStandIn:
-    """Inert placeholder for a Lightning class object found in a checkpoint (``official_path``)."""
-
-    official_path: str = ""
-
-
-# ---- safe reading ------------------------------------------------------------------------------
-
-
-def pickle_globals(path: str | Path) -> list[str]:
-    """Every global (``module.name``) referenced by the pickle(s) of a ``torch.save`` file.
-
-    Static disassembly only (``pickletools``): nothing is imported or executed. Handles the zip
-    format (``data.pkl``) and the legacy format (a sequence of pickles).
-    """
-    path = Path(path)
-    if _is_zip(path):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                pickles = [n for n in archive.namelist() if n.endswith(".pkl")]
-                return sorted({g for n in pickles for g in _scan_pickle(io.BytesIO(archive.read(n)))})
-        except Exception as err:  # noqa: BLE001 - whatever is wrong, the file cannot be vetted
-            raise UnsafeCheckpointError(f"{path}: cannot inspect the checkpoint's pickle ({err})") from None
-    found: set[str] = set()
-    with open(path, "rb") as stream:
-        # legacy: magic number, protocol, sys info, the object, storage keys (then raw storage bytes)
-        for _ in range(5):
-            try:
-                found.update(_scan_pickle(stream))
-            except Exception:  # noqa: BLE001 - past the last pickle or not a pickle: stop scanning
-                break
-    return sorted(found)
-
-
-def _scan_pickle(stream: io.IOBase) -> set[str]:
-    found: set[str] = set()
-    proto = 0
-    pushed: deque[Any] = deque([None, None], maxlen=2)  # last pushes: STACK_GLOBAL's operands
-    memo: dict[int, Any] = {}
-    for op, arg, _ in pickletools.genops(stream):
-        if op.name == "PROTO":
-            proto = arg
-        elif op.name in ("GLOBAL", "INST"):
-            module, name = arg.split(" ", 1)
-            if proto < 3:  # protocol 2 writes Python-2 names (e.g. __builtin__)
-                module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
-            found.add(f"{module}.{name}")
-        elif op.name == "STACK_GLOBAL":
-            module, name = pushed
-            found.add(
-                f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else "<STACK_GLOBAL>"
-            )
-        elif "UNICODE" in op.name or "STRING" in op.name:
-            pushed.append(arg)
-        elif op.name == "MEMOIZE":
-            memo[len(memo)] = pushed[-1]
-        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-            memo[arg] = pushed[-1]
-        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
-            pushed.append(memo.get(arg))
-        else:
-            pushed.append(None)
-    return found
-
-
-def _is_zip(path: Path) -> bool:
-    with open(path, "rb") as stream:  # the test torch.load uses: a local-file-header magic at offset 0
-        return stream.read(4) == b"PK\x03\x04"
-
-
-def _torch_allows(name: str) -> bool:
-    """Whether torch's weights_only unpickler allows this global by default (tensors, dtypes, ...)."""
-    from torch import _weights_only_unpickler as wo
-
-    if hasattr(wo, "_get_allowed_globals"):
-        return name in wo._get_allowed_globals()
-    return name.startswith("torch.") or name in _TORCH_EXTRAS  # private API gone: torch still checks
-
-
-def safe_torch_load(path: str | Path) -> Any:
-    """``torch.load`` restricted to tensors and plain containers (+ Lightning class stand-ins).
-
-    Raises :class:`UnsafeCheckpointError` naming the offending globals, before anything is loaded,
-    when the file references any other Python global. CPU tensors; memory-mapped for zip files.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    referenced = pickle_globals(path)
-    stand_ins = [(_stand_in(g), g) for g in referenced if g == _LIGHTNING_DICT or _LIGHTNING_CLASS.match(g)]
-    unsafe = sorted(set(referenced) - {g for _, g in stand_ins} - {g for g in referenced if _torch_allows(g)})
-    if unsafe:
-        raise UnsafeCheckpointError(
-            f"refusing to load {path}: it references the Python global(s) {', '.join(unsafe)}, which a "
-            "weights-only checkpoint never needs (loading could run arbitrary code). Nothing was executed. "
-            "Only load files from sources you trust; official Diff-AE checkpoints contain no such globals."
-        )
-    try:
-        with torch.serialization.safe_globals(stand_ins):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
-    except pickle.UnpicklingError as err:  # torch's own allowlist is the second line of defence
-        raise UnsafeCheckpointError(f"refusing to load {path}: {err}") from None
-
-
-def _stand_in(official_path: str) -> type:
-    if official_path == _LIGHTNING_DICT:
-        return dict
-    name = official_path.rsplit(".", 1)[1]
-    return type(name, (LightningStandIn,), {"official_path": official_path, "__module__": __name__})
+# ---- reading the official files --------------------------------------------------------------------
 
 
 def read_lightning_checkpoint(path: str | Path) -> tuple[StateDict, int | None]:

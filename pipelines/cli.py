@@ -7,7 +7,6 @@ so ``diffae train autoencoder ...`` and ``python -m pipelines.train_autoencoder 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from collections.abc import Sequence

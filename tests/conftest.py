@@ -22,8 +22,8 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
-from diffae_core import DiffAE
-from diffae_core.config import EncoderConfig, LatentConfig, ModelConfig, UNetConfig
+from diffae_core import DiffAE  # noqa: E402  (after the environment above)
+from diffae_core.config import EncoderConfig, LatentConfig, ModelConfig, UNetConfig  # noqa: E402
 
 # Timings on 2 cores are noisy with OpenMP oversubscription; tests pin threads.
 torch.set_num_threads(int(os.environ.get("DIFFAE_TEST_THREADS", "2")))

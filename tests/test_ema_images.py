@@ -8,7 +8,14 @@ import torch
 from PIL import Image
 
 from diffae_core.ema import EMA
-from diffae_core.images import decode_image, load_image_tensor, make_grid, png_bytes, pil_to_tensor, tensor_to_pil
+from diffae_core.images import (
+    decode_image,
+    load_image_tensor,
+    make_grid,
+    pil_to_tensor,
+    png_bytes,
+    tensor_to_pil,
+)
 
 
 def test_ema_matches_the_formula_and_skips_integer_buffers():
