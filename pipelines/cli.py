@@ -14,6 +14,8 @@ from collections.abc import Sequence
 # command words -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("convert-official",): ("pipelines.convert_official", "import official phizaz/diffae checkpoints as a bundle"),
+    ("data", "prepare"): ("pipelines.data", "decode, crop and resize images into sharded parquet (local or s3://)"),
+    ("train", "autoencoder"): ("pipelines.train_autoencoder", "train a Diff-AE autoencoder with Ray Train (DDP)"),
 }
 
 
