@@ -316,7 +316,7 @@ def _parquet(
     names = list(schema.names)
     if "image" not in names:
         raise ValueError(f"parquet at {path!r} has no 'image' column (columns: {names})")
-    types = dict(zip(schema.names, schema.types))
+    types = dict(zip(schema.names, schema.types, strict=True))
     attributes = tuple(
         n for n in names
         if n not in ("image", "id") and isinstance(types[n], pa.DataType)
