@@ -105,9 +105,29 @@ class GaussianDiffusion:
             )
         return self._q_cache[key]
 
-    def sample_t(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Uniform timesteps [B] int64 in [0, T)."""
-        return torch.randint(0, self.T, (batch,), device=device, generator=generator)
+    def sample_t(
+        self,
+        batch: int,
+        device: torch.device,
+        generator: torch.Generator | None = None,
+        high_fraction: float = 0.0,
+        high_start: float = 0.5,
+    ) -> torch.Tensor:
+        """Timesteps [B] int64 in [0, T): uniform (official) when ``high_fraction`` is 0.
+
+        Otherwise each example independently, with probability ``high_fraction``, draws t uniformly
+        from [floor(high_start * T), T) instead: a mixture biased toward high t, where the decoder
+        cannot denoise without z_sem (speeds up learning a semantic code in short runs).
+        """
+        t = torch.randint(0, self.T, (batch,), device=device, generator=generator)
+        if high_fraction <= 0.0:
+            return t
+        if not 0.0 <= high_start < 1.0 or high_fraction > 1.0:
+            raise ValueError(f"need 0 <= high_start < 1 and high_fraction <= 1, got {high_start}, {high_fraction}")
+        low = int(math.floor(high_start * self.T))
+        t_high = torch.randint(low, self.T, (batch,), device=device, generator=generator)
+        pick = torch.rand(batch, device=device, generator=generator) < high_fraction
+        return torch.where(pick, t_high, t)
 
     def training_loss(
         self, eps_fn: EpsFn, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor

@@ -281,8 +281,12 @@ class DiffAE(nn.Module):
         self, x0: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Mean eps-MSE over the batch for clean images x0 [B,3,H,W] in [-1,1] (gradients flow into
-        encoder and UNet). t [B] int64 and noise default to uniform / standard normal draws."""
-        t = self.diffusion.sample_t(x0.shape[0], x0.device) if t is None else t
+        encoder and UNet). t [B] int64 defaults to a draw from ``sample_t`` (uniform unless
+        ``config.train.high_t_fraction`` > 0); noise to a standard normal draw."""
+        if t is None:
+            train = self.config.train
+            t = self.diffusion.sample_t(x0.shape[0], x0.device, high_fraction=train.high_t_fraction,
+                                        high_start=train.high_t_start)
         noise = torch.randn_like(x0) if noise is None else noise
         z = self.encoder(x0)
         return self.diffusion.training_loss(lambda x_t, tt: self.unet(x_t, tt, z), x0, t, noise).mean()
