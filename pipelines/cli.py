@@ -16,6 +16,11 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("convert-official",): ("pipelines.convert_official", "import official phizaz/diffae checkpoints as a bundle"),
     ("data", "prepare"): ("pipelines.data", "decode, crop and resize images into sharded parquet (local or s3://)"),
     ("train", "autoencoder"): ("pipelines.train_autoencoder", "train a Diff-AE autoencoder with Ray Train (DDP)"),
+    ("train", "latent"): ("pipelines.train_latent", "train the latent DPM on z_sem and add it to a bundle"),
+    ("train", "classifier"): ("pipelines.train_classifier", "train a linear attribute head on z_sem, add it to a bundle"),
+    ("infer-latents",): ("pipelines.infer_latents", "encode a data set to z_sem parquet + mean/std (Ray Data)"),
+    ("evaluate",): ("pipelines.evaluate", "reconstruction MSE/PSNR/SSIM/LPIPS and FID of a bundle (Ray Data)"),
+    ("export",): ("pipelines.export", "export a bundle (EMA weights) from a training run's checkpoint"),
 }
 
 
