@@ -62,6 +62,7 @@ class Recipe:
     ema_warmup_steps: int
     high_t_fraction: float
     high_t_start: float
+    x0_weight_max: float
     eval_weights: str  # "ema" or "online"
 
 
@@ -73,6 +74,7 @@ def recipe_from_config(cfg: ModelConfig, eval_weights: str = "ema") -> Recipe:
         dropout=u.dropout, batch=tr.batch_size, lr=tr.lr, warmup_steps=tr.warmup_steps,
         ema_decay=tr.ema_decay, ema_warmup_steps=tr.ema_warmup_steps,
         high_t_fraction=getattr(tr, "high_t_fraction", 0.0), high_t_start=getattr(tr, "high_t_start", 0.5),
+        x0_weight_max=getattr(tr, "x0_weight_max", 0.0),
         eval_weights=eval_weights,
     )
 
@@ -96,7 +98,7 @@ def build_config(base: ModelConfig, r: Recipe) -> ModelConfig:
                                    dropout=r.dropout)
     cfg.encoder = dataclasses.replace(cfg.encoder, channel_mult=r.enc_channel_mult)
     train = dict(batch_size=r.batch, lr=r.lr, warmup_steps=r.warmup_steps, ema_decay=r.ema_decay,
-                 ema_warmup_steps=r.ema_warmup_steps)
+                 ema_warmup_steps=r.ema_warmup_steps, x0_weight_max=r.x0_weight_max)
     if r.high_t_fraction:
         train.update(high_t_fraction=r.high_t_fraction, high_t_start=r.high_t_start)
     cfg.train = dataclasses.replace(cfg.train, **train)

@@ -102,6 +102,9 @@ class TrainConfig:
     # of [0, T). 0.0 = official (uniform). High t is where the decoder must rely on z_sem.
     high_t_fraction: float = 0.0
     high_t_start: float = 0.5
+    # Loss weighting: > 0 weights each example by clamp(1/SNR(t), 1, x0_weight_max) (truncated x0 loss
+    # at high t). 0.0 = official (plain eps-MSE).
+    x0_weight_max: float = 0.0
     total_samples: int = 72_000_000
     seed: int = 0
 

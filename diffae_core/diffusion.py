@@ -130,13 +130,22 @@ class GaussianDiffusion:
         return torch.where(pick, t_high, t)
 
     def training_loss(
-        self, eps_fn: EpsFn, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+        self, eps_fn: EpsFn, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, x0_weight_max: float = 0.0
     ) -> torch.Tensor:
-        """Per-example loss [B]: mean over non-batch dims of (eps - eps_hat)^2 (mse) or |.| (l1)."""
+        """Per-example loss [B]: mean over non-batch dims of (eps - eps_hat)^2 (mse) or |.| (l1).
+
+        ``x0_weight_max`` > 0 multiplies each example's loss by clamp(1/SNR(t), 1, x0_weight_max)
+        (1/SNR = (1 - a_t) / a_t): plain eps loss where SNR >= 1, the x0 error (truncated) at high t,
+        where only z_sem can tell the decoder what the image is. 0 = official (unweighted).
+        """
         x_t = self.q_sample(x0, t, noise)
         err = eps_fn(x_t, t).float() - noise.float()
         err = err.abs() if self.cfg.loss == "l1" else err.square()
-        return err.flatten(1).mean(1)
+        loss = err.flatten(1).mean(1)
+        if x0_weight_max > 0:
+            ac = torch.from_numpy(self.alphas_cumprod).float().to(t.device)[t]
+            loss = loss * ((1 - ac) / ac).clamp(1.0, max(1.0, x0_weight_max))
+        return loss
 
     # ---- DDIM --------------------------------------------------------------------------------
     def tables(self, steps: int, device: torch.device | str) -> _Tables:

@@ -282,14 +282,16 @@ class DiffAE(nn.Module):
     ) -> torch.Tensor:
         """Mean eps-MSE over the batch for clean images x0 [B,3,H,W] in [-1,1] (gradients flow into
         encoder and UNet). t [B] int64 defaults to a draw from ``sample_t`` (uniform unless
-        ``config.train.high_t_fraction`` > 0); noise to a standard normal draw."""
+        ``config.train.high_t_fraction`` > 0); noise to a standard normal draw. The loss is weighted
+        toward high t when ``config.train.x0_weight_max`` > 0 (see ``GaussianDiffusion.training_loss``)."""
         if t is None:
             train = self.config.train
             t = self.diffusion.sample_t(x0.shape[0], x0.device, high_fraction=train.high_t_fraction,
                                         high_start=train.high_t_start)
         noise = torch.randn_like(x0) if noise is None else noise
         z = self.encoder(x0)
-        return self.diffusion.training_loss(lambda x_t, tt: self.unet(x_t, tt, z), x0, t, noise).mean()
+        return self.diffusion.training_loss(lambda x_t, tt: self.unet(x_t, tt, z), x0, t, noise,
+                                            x0_weight_max=self.config.train.x0_weight_max).mean()
 
     # ---- helpers -----------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -41,7 +41,7 @@ def test_model_training_loss_uses_the_config_knob(monkeypatch):
     model = DiffAE(cfg)
     seen = {}
 
-    def fake_loss(eps_fn, x0, t, noise):
+    def fake_loss(eps_fn, x0, t, noise, x0_weight_max=0.0):
         seen["t"] = t
         return torch.zeros(x0.shape[0])
 
@@ -67,3 +67,18 @@ def test_demo16_preset_trains_and_round_trips():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in model.encoder.parameters())
+
+
+def test_x0_weighting_is_off_by_default_and_truncated():
+    d = GaussianDiffusion(DiffusionConfig())
+    x0 = torch.zeros(3, 3, 4, 4)
+    noise = torch.ones(3, 3, 4, 4)
+    t = torch.tensor([0, 500, 999])
+    plain = d.training_loss(lambda x_t, tt: noise + 0.5, x0, t, noise)
+    assert torch.allclose(plain, torch.full((3,), 0.25))
+    weighted = d.training_loss(lambda x_t, tt: noise + 0.5, x0, t, noise, x0_weight_max=20.0)
+    ac = d.alphas_cumprod
+    expected = torch.tensor([1.0, min(20.0, (1 - ac[500]) / ac[500]), 20.0]) * 0.25
+    assert weighted[0] == plain[0]  # SNR >= 1: unchanged
+    assert torch.allclose(weighted, expected.float())
+    assert TrainConfig().x0_weight_max == 0.0
