@@ -1,7 +1,7 @@
 """Ray Data ingest throughput (images/s delivered to a training loop) vs what a training step consumes.
 
     python benchmarks/ingest.py [--images 2000] [--image-size 32] [--preset tiny32] [--batch-size 32]
-                                [--num-cpus 2] [--threads 2]
+                                [--num-cpus 2] [--threads 1]
 
 Sources: the built-in ``shapes`` (rendered in Ray Data tasks) and the same images prepared as parquet
 (``diffae data prepare``: PNG decode + preprocessing in Ray Data tasks). Each is read as a training job
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny32", help="model whose training step is the consumer")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-cpus", type=int, default=2, help="logical CPUs of the local Ray")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the timed training step")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the timed training step (1, as Ray Train workers get OMP_NUM_THREADS=1)")
     args = p.parse_args(argv)
     import ray
 
