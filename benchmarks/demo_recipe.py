@@ -133,11 +133,28 @@ def fit_classifier(model: DiffAE, probe_x: torch.Tensor, probe_y: np.ndarray) ->
 
 
 @torch.no_grad()
+def z_gap(model: DiffAE, x: torch.Tensor, t_lo: int = 300, t_hi: int = 700, seed: int = 99) -> float:
+    """Relative eps-loss increase when z_sem is shuffled across the batch, t uniform in [t_lo, t_hi).
+
+    0 = the decoder ignores z_sem. Cheap (one UNet call per image, no DDIM): the early signal that the
+    semantic code is being used, before semantic reconstruction can move.
+    """
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(t_lo, t_hi, (x.shape[0],), generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    z = model.encode(x)
+    perm = torch.roll(torch.arange(x.shape[0]), 1)
+    true = model.diffusion.training_loss(lambda x_t, tt: model.predict_noise(x_t, tt, z), x, t, noise).mean()
+    shuf = model.diffusion.training_loss(lambda x_t, tt: model.predict_noise(x_t, tt, z[perm]), x, t, noise).mean()
+    return float((shuf - true) / true)
+
+
+@torch.no_grad()
 def evaluate(model: DiffAE, test_x: torch.Tensor, test_y: np.ndarray, probe_x: torch.Tensor,
              probe_y: np.ndarray, steps: int, alphas: list[float], seed: int = 1234) -> dict:
     g = torch.Generator().manual_seed(seed)
     z = model.encode(test_x)
-    out: dict = {}
+    out: dict = {"zgap": z_gap(model, test_x)}
     # semantic reconstruction: fresh random x_T
     x_rand = torch.randn(test_x.shape, generator=g)
     sem = shapes_oracle(model.decode(x_rand, z, steps=steps).numpy())
@@ -263,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             cells = [f"{v['flip']:.2f}/{v['kept']:.2f}/{v['ok']:.2f}" for v in res["manip"][best].values()]
             print(" | ".join([str(seen), f"{train_s:.0f}", f"{seen / train_s:.1f}", f"{res['loss']:.4f}",
                               f"{res['sem']:.3f}", f"{res['sem4']:.3f}", f"{res['psnr']:.2f}", *cells])
-                  + f"   (alpha {best}, probe acc {res['probe_acc']:.3f}, sem/attr {res['sem_per_attr']}, "
+                  + f"   (alpha {best}, zgap {res['zgap']:.3f}, probe acc {res['probe_acc']:.3f}, sem/attr {res['sem_per_attr']}, "
                   f"eval {res['eval_s']:.0f} s)", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"recipe": dataclasses.asdict(recipe), "threads": threads,
