@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -140,6 +141,13 @@ def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], uri: str
         raise BundleError(f"{uri}/{name} does not match config.json: {exc}") from None
 
 
+def _parse_config(data: bytes, uri: str) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(json.loads(data))
+    except (ValueError, TypeError) as exc:
+        raise BundleError(f"{uri}/{CONFIG} is not a valid model config: {exc}") from None
+
+
 def load_bundle(uri: str, device: str | torch.device = "cpu", endpoint: str | None = None) -> DiffAE:
     """Load a bundle written by :func:`save_bundle`, verifying checksums and shapes."""
     from .model import DiffAE
@@ -151,10 +159,7 @@ def load_bundle(uri: str, device: str | torch.device = "cpu", endpoint: str | No
         if required not in entries:
             raise BundleError(f"{uri}/{MANIFEST} lists no {required}; the bundle is incomplete")
     blobs = {name: _read_verified(fs, root, uri, name, entry) for name, entry in entries.items()}
-    try:
-        config = ModelConfig.from_dict(json.loads(blobs[CONFIG]))
-    except (ValueError, TypeError) as exc:
-        raise BundleError(f"{uri}/{CONFIG} is not a valid model config: {exc}") from None
+    config = _parse_config(blobs[CONFIG], uri)
 
     model = DiffAE(config)
     auto = _load_tensors(blobs[AUTOENCODER], uri, AUTOENCODER)
@@ -177,3 +182,66 @@ def load_bundle(uri: str, device: str | torch.device = "cpu", endpoint: str | No
         attributes = config.attributes or tuple(f"attr_{i}" for i in range(cls["weight"].shape[0]))
         model.attach_classifier(cls["weight"], cls["bias"], cls["z_mean"], cls["z_std"], attributes)
     return model.to(device)
+
+
+# Which file holds each network a caller can load on its own with load_part.
+PART_FILES = {"encoder": AUTOENCODER, "unet": AUTOENCODER, "latent": LATENT, "classifier": CLASSIFIER}
+
+
+@dataclass
+class BundlePart:
+    """One network of a bundle. ``stats`` holds the latent net's z_mean / z_std [Z] (empty otherwise;
+    the classifier keeps its own statistics as buffers)."""
+
+    config: ModelConfig
+    module: torch.nn.Module
+    stats: dict[str, torch.Tensor]
+
+
+def load_part(uri: str, part: str, device: str | torch.device = "cpu", endpoint: str | None = None) -> BundlePart:
+    """Load one network (``encoder``, ``unet``, ``latent`` or ``classifier``) without building the rest.
+
+    Reads and verifies only config.json and the file that holds the part, so a serving replica that
+    needs the encoder never allocates the UNet. Raises BundleError if the bundle has no such part.
+    """
+    if part not in PART_FILES:
+        raise ValueError(f"unknown bundle part {part!r}; choose one of {sorted(PART_FILES)}")
+    manifest = read_manifest(uri, endpoint)
+    fs, root = storage.resolve(uri, endpoint)
+    entries, name = manifest["files"], PART_FILES[part]
+    for required in (CONFIG, name):
+        if required not in entries:
+            raise BundleError(f"{uri}/{MANIFEST} lists no {required}: this bundle has no {part}")
+    config = _parse_config(_read_verified(fs, root, uri, CONFIG, entries[CONFIG]), uri)
+    tensors = _load_tensors(_read_verified(fs, root, uri, name, entries[name]), uri, name)
+    stats: dict[str, torch.Tensor] = {}
+    if part == "encoder":
+        from .encoder import SemanticEncoder
+
+        module: torch.nn.Module = SemanticEncoder(config.unet, config.encoder)
+        _load_into(module, {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}, uri, name)
+    elif part == "unet":
+        from .unet import ConditionalUNet
+
+        module = ConditionalUNet(config.unet)
+        _load_into(module, {k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, uri, name)
+    elif part == "latent":
+        from .latent import LatentMLP
+
+        if config.latent is None:
+            raise BundleError(f"{uri}: has {LATENT} but config.json has no latent section")
+        module = LatentMLP(config.latent)
+        _load_into(module, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, uri, name)
+        stats = {"z_mean": tensors["z_mean"].reshape(-1).to(device), "z_std": tensors["z_std"].reshape(-1).to(device)}
+    else:
+        from .classifier import AttributeClassifier
+
+        missing = {"weight", "bias", "z_mean", "z_std"} - set(tensors)
+        if missing:
+            raise BundleError(f"{uri}/{CLASSIFIER} lacks {sorted(missing)}")
+        module = AttributeClassifier(tensors["weight"].shape[1], tensors["weight"].shape[0])
+        _load_into(module, {"linear.weight": tensors["weight"], "linear.bias": tensors["bias"],
+                            "z_mean": tensors["z_mean"].reshape(-1), "z_std": tensors["z_std"].reshape(-1)}, uri, name)
+        if config.attributes is None:
+            config.attributes = tuple(f"attr_{i}" for i in range(tensors["weight"].shape[0]))
+    return BundlePart(config=config, module=module.to(device).eval(), stats=stats)

@@ -1,0 +1,102 @@
+"""``diffae serve BUNDLE``: run the Serve application locally on an embedded Ray, until Ctrl-C / SIGTERM.
+
+    diffae serve ./bundles/shapes32 --port 8000
+    diffae serve s3://models/ffhq64 --config serving/serve_config.yaml --api-keys-file keys.txt
+
+Programmatic use (demo scripts, benchmarks, tests) goes through :func:`start`, which needs a running
+Ray (``ray.init``) and returns the base URL once the application answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+APP_NAME = "diffae"
+
+
+def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> str:
+    """Deploy the application for ``args`` (see ``serving.settings``; ``{"bundle": URI}`` suffices) on the
+    running Ray (``ray.init`` first) and return its base URL, e.g. ``http://127.0.0.1:8000``, once every
+    deployment is running.
+
+    Starts Serve's HTTP proxy on ``host:port`` if Serve is not running yet (an already running Serve
+    keeps its own address). Deploying again under the same ``name`` replaces the application in place.
+    """
+    from ray import serve
+
+    from .app import build_app
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args), name=name, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def stop(name: str = APP_NAME) -> None:
+    """Remove the application (Serve itself keeps running)."""
+    from ray import serve
+
+    serve.delete(name)
+
+
+def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("bundle", help="bundle directory: local path, file:// or s3:// URI")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to accept outside traffic)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--config", help="a serve_config.yaml (its first application's args) or a YAML/JSON "
+                                    "file of app args: limits, batching, deployments (serving/settings.py)")
+    p.add_argument("--api-keys-file", help="one API key per line; then /v1/* needs `Authorization: Bearer KEY` "
+                                           "(keys also come from $DIFFAE_API_KEYS)")
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL for s3:// bundles (default: $AWS_ENDPOINT_URL)")
+    p.add_argument("--max-batch-size", type=int, help="dynamic batch size of Encoder and Decoder (1: no batching)")
+    p.add_argument("--num-cpus", type=int, help="logical CPUs of the embedded Ray (default: all)")
+    p.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus export port (/metrics)")
+    return p.parse_args(argv)
+
+
+def app_args(ns: argparse.Namespace) -> dict[str, Any]:
+    """The build_app args for parsed command-line flags."""
+    args: dict[str, Any] = {}
+    if ns.config:
+        loaded = yaml.safe_load(Path(ns.config).read_text()) or {}
+        args = dict(loaded["applications"][0].get("args") or {}) if "applications" in loaded else dict(loaded)
+    args["bundle"] = ns.bundle
+    if ns.api_keys_file:
+        args["api_keys_file"] = str(Path(ns.api_keys_file).resolve())
+    if ns.s3_endpoint:
+        args["s3_endpoint"] = ns.s3_endpoint
+    if ns.max_batch_size:
+        batching = args.setdefault("batching", {})
+        for name in ("Encoder", "Decoder"):
+            batching.setdefault(name, {})["max_batch_size"] = ns.max_batch_size
+    return args
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "diffae serve") -> int:
+    ns = parse_args(argv, prog)
+    args = app_args(ns)
+    import ray
+
+    ray.init(address="local", num_cpus=ns.num_cpus, include_dashboard=False,
+             _metrics_export_port=ns.metrics_port)
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    try:
+        url = start(args, host=ns.host, port=ns.port)
+        print(f"diffae serving {ns.bundle} at {url}/ (API docs: {url}/docs, metrics: "
+              f"http://127.0.0.1:{ns.metrics_port}/metrics). Ctrl-C stops.", flush=True)
+        stopped.wait()
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+    return 0
