@@ -7,6 +7,7 @@ a training runs.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import importlib
 import json
@@ -15,6 +16,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,12 +25,14 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import free_port, micro_config
+from conftest import free_port, micro_config, smooth_images
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 PROMETHEUS_DIR = CLUSTER / "prometheus"
+DASHBOARD = CLUSTER / "grafana" / "diffae.json"
+SERVE_CONFIG = ROOT / "serving" / "serve_config.yaml"
 KUBERNETES_VERSION = "1.30"  # the oldest Kubernetes the manifests target
 IMAGE_WORKDIR = "/home/ray/diffae-ray"  # where cluster/Dockerfile puts this repository
 VERSION = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]  # = the image tag
@@ -65,6 +69,32 @@ def _promtool() -> str:
 
 
 # ---- files parse and validate ---------------------------------------------------------------------
+def test_every_yaml_parses_and_generated_files_are_current():
+    files = sorted(CLUSTER.rglob("*.yaml")) + sorted(CLUSTER.rglob("*.yml")) + [SERVE_CONFIG]
+    assert len(files) >= 9
+    for path in files:
+        assert _docs(path), f"{path} is empty"
+    json.loads(DASHBOARD.read_text())
+    check = subprocess.run([sys.executable, str(CLUSTER / "generate.py"), "--check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_generated_manifests_embed_their_sources(tmp_path):
+    service, _ = _ray_manifest("rayservice.yaml")
+    serve_config = yaml.safe_load(SERVE_CONFIG.read_text())
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == serve_config
+    # A model upgrade: the same RayService with only the bundle URI changed.
+    upgrade = tmp_path / "rayservice-v2.yaml"
+    subprocess.run([sys.executable, str(CLUSTER / "generate.py"), "--bundle", "s3://models/v2", "--out", str(upgrade)],
+                   check=True, capture_output=True)
+    (upgraded,) = _docs(upgrade)
+    serve_config["applications"][0]["args"]["bundle"] = "s3://models/v2"
+    assert yaml.safe_load(upgraded["spec"].pop("serveConfigV2")) == serve_config
+    service["spec"].pop("serveConfigV2")
+    assert upgraded == service
+    _, rule = _docs(PROMETHEUS_DIR / "kuberay-monitoring.yaml")
+    assert rule["kind"] == "PrometheusRule"
+    assert rule["spec"] == yaml.safe_load((PROMETHEUS_DIR / "rules.yml").read_text())
 
 
 def test_kubernetes_objects_validate():
@@ -181,6 +211,58 @@ def _check_pipeline_commands(script: Path, env: dict[str, str]) -> None:
             assert not (isinstance(value, str) and value.startswith("$")), f"unexpanded variable in {argv}"
 
 
+def test_rayservice_has_what_kuberay_needs_and_imports_the_real_app():
+    service, cluster = _ray_manifest("rayservice.yaml")
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    _check_ray_cluster(cluster, _dockerfile_ray_version())
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert any(g["maxReplicas"] > g["minReplicas"] for g in cluster["workerGroupSpecs"])
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    module_name, attr = app["import_path"].split(":")
+    build_app = getattr(importlib.import_module(module_name), attr)
+    assert callable(build_app)
+    from serving.settings import AppSettings
+
+    settings = AppSettings.from_args(app["args"])  # the args the cluster will pass are valid
+    for deployment in serve_config["applications"][0]["deployments"]:
+        assert deployment["autoscaling_config"]["max_replicas"] >= deployment["autoscaling_config"]["min_replicas"]
+    # API keys come from a Secret, in the variable the app reads, on every node that runs replicas.
+    for template in _pod_templates(service, cluster).values():
+        (container,) = template["spec"]["containers"]
+        assert _env(container)[settings.api_keys_env]["secretKeyRef"]["name"] == "diffae-api-keys"
+    for group in cluster["workerGroupSpecs"]:
+        probe = group["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]
+        assert probe["path"] == "/healthz" and probe["port"] == serve_config["http_options"]["port"]
+
+
+def test_ray_cluster_launcher_config_and_runtime_env_pass_rays_own_checks(tmp_path):
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    from ray.runtime_env import RuntimeEnv
+
+    config = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    validate_config(prepare_config(config))  # jsonschema of `ray up`
+    assert config["docker"]["image"].endswith(f"/diffae-ray:{VERSION}")
+    gpu = config["available_node_types"]["gpu_worker"]
+    assert 0 <= gpu["min_workers"] <= gpu["max_workers"] <= config["max_workers"]
+    assert any("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"])
+
+    runtime_env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    RuntimeEnv(**runtime_env)
+    package = tmp_path / "pkg.zip"
+    create_package(str(ROOT), package, include_gitignore=True, excludes=runtime_env["excludes"])
+    names = set(zipfile.ZipFile(package).namelist())
+    for needed in ("cluster/train_pipeline.sh", "pipelines/train_autoencoder.py", "serving/app.py",
+                   "diffae_core/model.py", "pyproject.toml"):
+        assert needed in names, needed
+    assert not any(n.startswith((".venv/", "tests/", ".git/")) for n in names)
+    assert package.stat().st_size < 100 * 2**20
+    _check_pipeline_commands(CLUSTER / "train_pipeline.sh", runtime_env["env_vars"])
+
+
 # ---- Prometheus config, rules and metric names ----------------------------------------------------
 def test_promtool_checks_config_and_rules_and_unit_tests_the_alerts():
     promtool = _promtool()
@@ -192,6 +274,61 @@ def test_promtool_checks_config_and_rules_and_unit_tests_the_alerts():
               for r in g["rules"]}
     assert {"DiffaeServingErrorRatioHigh", "DiffaeServingLatencyP95High", "DiffaeServingReplicasAtMax",
             "DiffaeTrainingStalled", "DiffaeTrainingLossNotFinite"} <= alerts
+
+
+METRIC_DEF = re.compile(r"\b(Counter|Gauge|Histogram)\(\s*\"(diffae_\w+)\"")
+SERIES = re.compile(r"\b(ray_\w+)")
+RAY_SERVE_METRICS = ("serve_deployment_replica_healthy", "serve_autoscaling_target_replicas",
+                     "serve_autoscaling_desired_replicas")
+
+
+def exported_metrics() -> dict[str, str]:
+    """Every diffae_* metric the code defines (serving and pipelines), name -> type."""
+    found: dict[str, str] = {}
+    for path in sorted((ROOT / "serving").rglob("*.py")) + sorted((ROOT / "pipelines").rglob("*.py")):
+        for kind, name in METRIC_DEF.findall(path.read_text()):
+            assert found.setdefault(name, kind) == kind, f"{name} defined twice with different types"
+    return found
+
+
+def _expressions() -> dict[str, list[str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if v.get("definition")]
+    rules = yaml.safe_load((PROMETHEUS_DIR / "rules.yml").read_text())
+    return {"dashboard": exprs, "rules": [r["expr"] for g in rules["groups"] for r in g["rules"]]}
+
+
+def _series_to_metric(series: str, metrics: dict[str, str]) -> str | None:
+    name = series.removeprefix("ray_")
+    for suffix in ("_bucket", "_sum", "_count", ""):
+        base = name.removesuffix(suffix) if suffix else name
+        if name.endswith(suffix) and base in metrics and (suffix == "" or metrics[base] == "Histogram"):
+            return base
+    return None
+
+
+def test_dashboard_and_rules_use_only_exported_metrics_and_show_them_all():
+    import ray.serve
+
+    metrics = exported_metrics()
+    expected = {"diffae_requests_total", "diffae_request_seconds", "diffae_batch_size", "diffae_model_seconds",
+                "diffae_denoise_steps_total", "diffae_train_loss", "diffae_train_images_per_second",
+                "diffae_train_samples_total"}
+    assert expected <= set(metrics), f"architecture.md §7 metrics missing from the code: {expected - set(metrics)}"
+    serve_source = "".join(p.read_text() for p in Path(ray.serve.__file__).parent.rglob("*.py"))
+    used: dict[str, set[str]] = {}
+    for where, exprs in _expressions().items():
+        for expr in exprs:
+            for series in SERIES.findall(expr):
+                if series.startswith("ray_serve_"):
+                    assert series.removeprefix("ray_") in RAY_SERVE_METRICS, series
+                    assert f'"{series.removeprefix("ray_")}"' in serve_source, f"Ray Serve has no {series}"
+                    continue
+                metric = _series_to_metric(series, metrics)
+                assert metric is not None, f"{where} uses {series}, which no code exports (or a wrong suffix)"
+                used.setdefault(where, set()).add(metric)
+    assert used["dashboard"] == set(metrics), f"not on the dashboard: {set(metrics) - used['dashboard']}"
 
 
 # ---- a real Prometheus --------------------------------------------------------------------------------
@@ -263,6 +400,56 @@ def query(url: str, promql: str) -> list[tuple[dict[str, str], float]]:
 def _scalar(url: str, promql: str) -> float | None:
     result = query(url, promql)
     return result[0][1] if result else None
+
+
+def _png(image) -> str:
+    from diffae_core.images import png_bytes
+
+    return base64.b64encode(png_bytes(image)).decode()
+
+
+def test_prometheus_counts_every_serving_request(ray_cluster, prometheus, tmp_path):
+    from ray import serve
+
+    from diffae_core import DiffAE
+    from serving.app import build_app
+    from serving.settings import DEPLOYMENTS
+
+    app_name, n = "cluster-e2e", 7
+    bundle = tmp_path / "bundle"
+    DiffAE(micro_config()).save(str(bundle))
+    small = {name: {"num_cpus": 0.1, "min_replicas": 1, "max_replicas": 1} for name in DEPLOYMENTS}
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    port = serve.context._get_global_client().http_config.port  # an earlier module's Serve keeps its port
+    serve.run(build_app({"bundle": str(bundle), "deployments": small}), name=app_name,
+              route_prefix=f"/{app_name}")
+    try:
+        image = _png(smooth_images(1, 16, seed=3)[0])
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}/{app_name}", timeout=60) as client:
+            for _ in range(n):
+                response = client.post("/v1/encode", json={"image": image})
+                assert response.status_code == 200, response.text
+        selector = f'application="{app_name}"'
+        total = _poll(lambda: _scalar(prometheus, f"sum(ray_diffae_requests_total{{{selector}}}) == {n}"), 60,
+                      lambda: f"Prometheus has {query(prometheus, f'ray_diffae_requests_total{{{selector}}}')}")
+        assert total == n
+        by_code = query(prometheus, f"sum by (code) (ray_diffae_requests_total{{{selector}}})")
+        assert by_code == [({"code": "200"}, n)]
+        # The other serving metrics of the same requests: latency histogram, batching and model time.
+        assert _poll(lambda: _scalar(prometheus, f"sum(ray_diffae_request_seconds_count{{{selector}}}) == {n}"),
+                     30, "no request latency histogram") == n
+        # Sequential requests: each image is one encoder batch of size 1. (Ray 2.60 exports a histogram's
+        # _sum from bucket midpoints, so the bucket counts are what can be checked exactly.)
+        encoder = f'{selector}, deployment="Encoder"'
+        assert _poll(lambda: _scalar(prometheus, f"sum(ray_diffae_batch_size_count{{{encoder}}}) == {n}"), 30,
+                     lambda: f"batches: {query(prometheus, f'ray_diffae_batch_size_count{{{encoder}}}')}") == n
+        assert _scalar(prometheus, f'sum(ray_diffae_batch_size_bucket{{{encoder}, le="1.0"}})') == n
+        ops = query(prometheus, f"sum by (deployment, op) (ray_diffae_model_seconds_count{{{selector}}})")
+        assert {(labels["deployment"], labels["op"]) for labels, _ in ops} >= {("Encoder", "encode")}
+        healthy = f"sum(ray_serve_deployment_replica_healthy{{{selector}}}) == {len(DEPLOYMENTS)}"
+        assert _poll(lambda: _scalar(prometheus, healthy), 30, "no Ray Serve replica metrics") == len(DEPLOYMENTS)
+    finally:
+        serve.delete(app_name)
 
 
 def test_prometheus_follows_a_training_run(ray_cluster, prometheus, tmp_path):
