@@ -10,6 +10,7 @@ Ray (``ray.init``) and returns the base URL once the application answers.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from collections.abc import Sequence
@@ -28,11 +29,21 @@ def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, name:
 
     Starts Serve's HTTP proxy on ``host:port`` if Serve is not running yet (an already running Serve
     keeps its own address). Deploying again under the same ``name`` replaces the application in place.
+    Raises RuntimeError when Ray has fewer logical CPUs than the minimum replicas reserve.
     """
+    import ray
     from ray import serve
 
     from .app import build_app
+    from .settings import AppSettings
 
+    settings = AppSettings.from_args(args)
+    needed = sum(s.min_replicas * s.num_cpus for s in settings.deployments.values())
+    have = ray.cluster_resources().get("CPU", 0)
+    if needed > have:  # Serve would otherwise wait forever for replicas it cannot place
+        raise RuntimeError(
+            f"the app's minimum replicas reserve {needed:g} logical CPUs but this Ray has {have:g}: start Ray "
+            "with more (ray.init(num_cpus=...), `diffae serve --num-cpus`) or lower deployments.*.num_cpus")
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix="/")
     return f"http://{host}:{port}"
@@ -56,7 +67,9 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
                                            "(keys also come from $DIFFAE_API_KEYS)")
     p.add_argument("--s3-endpoint", help="S3 endpoint URL for s3:// bundles (default: $AWS_ENDPOINT_URL)")
     p.add_argument("--max-batch-size", type=int, help="dynamic batch size of Encoder and Decoder (1: no batching)")
-    p.add_argument("--num-cpus", type=int, help="logical CPUs of the embedded Ray (default: all)")
+    p.add_argument("--num-cpus", type=int, default=max(4, 2 * (os.cpu_count() or 1)),
+                   help="logical CPUs of the embedded Ray (default: max(4, 2 x cores)); the default replicas "
+                        "reserve 3.1 and autoscaling more. Threads per replica are set by torch_threads")
     p.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus export port (/metrics)")
     return p.parse_args(argv)
 

@@ -467,6 +467,13 @@ def test_decoder_replica_killed_under_load_is_replaced(server, images):
     assert handle.replica_actor_name.remote().result(timeout_s=120) != old
 
 
+def test_start_refuses_an_app_that_cannot_fit(ray_cluster, bundle):
+    from serving.cli import start
+
+    with pytest.raises(RuntimeError, match="logical CPUs"):
+        start({"bundle": bundle, "deployments": {"Decoder": {"num_cpus": 64.0}}}, port=free_port())
+
+
 # ---- configuration (no running app needed) ---------------------------------------------------------------
 def test_serve_config_matches_build_app_and_serve_build(tmp_path):
     import yaml
