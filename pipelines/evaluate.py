@@ -264,6 +264,8 @@ def evaluate(job: EvalJob) -> EvalResult:
     from .data import open_images
 
     job.validate()
+    job = dataclasses.replace(job, bundle=storage.absolute(job.bundle), data=storage.absolute(job.data),
+                              out=storage.absolute(job.out))  # Ray actors and tasks have their own cwd
     started = time.time()
     runtime.ensure_ray()
     endpoint = runtime.resolve_endpoint(job.endpoint)

@@ -209,6 +209,7 @@ def infer_latents(images, bundle: str, out: str, *, batch_size: int = 64, concur
     from ray.data._internal.savemode import SaveMode
 
     started = time.time()
+    bundle, out = storage.absolute(bundle), storage.absolute(out)  # actors and tasks have their own cwd
     sha = autoencoder_sha256(bundle, endpoint)
     fs, path = storage.filesystem(storage.uri_join(out, LATENTS_DIR), endpoint)
     latents = encode_dataset(images, bundle, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus,

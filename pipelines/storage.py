@@ -10,6 +10,7 @@ is the one its node started with, not the driver's.
 
 from __future__ import annotations
 
+import os
 import posixpath
 from collections.abc import Sequence
 
@@ -27,7 +28,7 @@ from diffae_core.storage import (  # re-exported: callers use one module for URI
 
 __all__ = [
     "exists", "is_remote", "join", "read_bytes", "resolve", "s3_endpoint", "write_bytes",
-    "filesystem", "ray_storage", "uri_join", "list_files", "is_dir",
+    "filesystem", "ray_storage", "uri_join", "list_files", "is_dir", "absolute",
 ]
 
 
@@ -49,6 +50,18 @@ def ray_storage(uri: str, endpoint: str | None = None) -> tuple[str, pafs.FileSy
     if isinstance(fs, pafs.LocalFileSystem):
         return path, None
     return path, fs
+
+
+def absolute(uri: str | None) -> str | None:
+    """A local relative path made absolute against the driver's working directory; anything else unchanged.
+
+    Ray workers and Ray Data tasks run with their own working directory, so a relative output path such
+    as ``runs`` or ``outputs/demo`` would land somewhere else in each of them. Built-in source names
+    (``shapes:N``) and URIs with a scheme pass through.
+    """
+    if uri is None or "://" in str(uri) or str(uri).split(":")[0] in ("shapes", "fashion-mnist", "digits"):
+        return uri
+    return os.path.abspath(str(uri))
 
 
 def uri_join(uri: str, *parts: str) -> str:

@@ -105,7 +105,9 @@ def train_autoencoder(job: TrainJobConfig) -> TrainResult:
     from .autoencoder_worker import train_worker
     from .data import open_images
 
-    job = dataclasses.replace(job, name=job.name or runtime.default_run_name("autoencoder"))
+    job = dataclasses.replace(job, name=job.name or runtime.default_run_name("autoencoder"),
+                              storage=storage.absolute(job.storage), data=storage.absolute(job.data),
+                              ledger_dir=storage.absolute(job.ledger_dir))
     job.validate()
     runtime.ensure_ray()
     endpoint = runtime.resolve_endpoint(job.s3_endpoint)

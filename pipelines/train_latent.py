@@ -186,6 +186,8 @@ def train_latent(job: LatentTrainJob) -> LatentTrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    job = dataclasses.replace(job, bundle=storage.absolute(job.bundle), latents=storage.absolute(job.latents),
+                              storage=storage.absolute(job.storage), out=storage.absolute(job.out))
     train = job.train
     if train.batch_size % job.num_workers:
         raise ValueError(f"batch size {train.batch_size} is not divisible by {job.num_workers} workers")
