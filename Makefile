@@ -4,7 +4,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench clean
+.PHONY: install demo demo-model test lint bench clean
 
 install: $(STAMP)
 
@@ -18,15 +18,24 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 	@echo "installed."
 
+# The whole product on this machine: data -> Ray Train (2 workers) -> latents -> latent DPM -> classifier ->
+# oracle evaluation -> report -> Serve over HTTP. Reuses finished steps; DEMO_ARGS="--fresh" starts over.
+demo: install
+	$(VPY) -m pipelines.demo $(DEMO_ARGS)
+
+# The longer-trained demo model (same pipeline, bigger budget), written to outputs/demo-model.
+demo-model: install
+	$(VPY) -m pipelines.demo --out outputs/demo-model --budget-images 240000 $(DEMO_ARGS)
+
 test: install
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check diffae_core pipelines serving tests benchmarks
 
+# Every benchmark in its own process; writes benchmarks/RESULTS.md (machine, commands, date, numbers).
 bench: install
-	$(VPY) benchmarks/train_step.py
-	$(VPY) benchmarks/sampling.py
+	$(VPY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

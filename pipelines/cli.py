@@ -14,6 +14,7 @@ from collections.abc import Sequence
 # command words -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("convert-official",): ("pipelines.convert_official", "import official phizaz/diffae checkpoints as a bundle"),
+    ("serve",): ("serving.cli", "serve a bundle over HTTP with Ray Serve on an embedded Ray (Ctrl-C stops)"),
     ("data", "prepare"): ("pipelines.data", "decode, crop and resize images into sharded parquet (local or s3://)"),
     ("train", "autoencoder"): ("pipelines.train_autoencoder", "train a Diff-AE autoencoder with Ray Train (DDP)"),
     ("train", "latent"): ("pipelines.train_latent", "train the latent DPM on z_sem and add it to a bundle"),
@@ -21,6 +22,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("infer-latents",): ("pipelines.infer_latents", "encode a data set to z_sem parquet + mean/std (Ray Data)"),
     ("evaluate",): ("pipelines.evaluate", "reconstruction MSE/PSNR/SSIM/LPIPS and FID of a bundle (Ray Data)"),
     ("export",): ("pipelines.export", "export a bundle (EMA weights) from a training run's checkpoint"),
+    ("demo",): ("pipelines.demo", "train, evaluate and serve a small Diff-AE on `shapes` end to end (make demo)"),
 }
 
 

@@ -1,0 +1,359 @@
+"""`make demo`: the whole product end to end on one machine, through the same job code a cluster runs.
+
+    python -m pipelines.demo [--out outputs/demo] [--budget-images N] [--fresh]
+
+Steps (each prints its name and time; a failure stops the demo and says which step failed and why):
+
+1. data        build the ``shapes`` set as parquet shards (a 10% held-out test split by id hash)
+2. train       the autoencoder with 2 Ray Train workers (DDP on CPU) for a fixed image budget
+3. latents     infer z_sem of the training split (Ray Data actor pool) with its mean / std
+4. latent-dpm  train the latent DPM on the normalised latents (Ray Train)
+5. classifier  train the linear attribute head (held-out AUROC / F1)
+6. evaluate    judge with the pixel oracle on the test split: stochastic and semantic reconstruction,
+               manipulation per attribute, attribute frequencies of unconditional samples
+7. report      PNG grids, metrics.json and report.html in the output directory
+8. serve       start the Serve app on 127.0.0.1, call it over HTTP (reconstruct, manipulate, sample),
+               save the answers, print the URLs; stop unless DEMO_KEEP_SERVING=1
+
+Ray starts in-process (a local instance) and everything is written to local disk. Running the demo
+again reuses every finished step whose settings did not change (``--fresh`` starts over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffae_core import DiffAE
+from diffae_core.config import get_preset
+
+from . import demo_report, runtime
+
+DEFAULT_OUT = "outputs/demo"
+DEFAULT_PRESET = "demo16"
+FALLBACK_PRESET = "tiny32"
+
+
+@dataclasses.dataclass
+class DemoSettings:
+    """What the demo does; a step is reused only when the settings it depends on are unchanged."""
+
+    out: str = DEFAULT_OUT
+    preset: str = DEFAULT_PRESET
+    images: int = 6000  # size of the shapes set (10% held out for testing)
+    holdout: float = 0.1
+    budget_images: int = 14_080  # autoencoder training budget, images seen (all workers)
+    num_workers: int = 2
+    latent_budget: int = 128_000  # latent DPM training budget, latents seen
+    classifier_budget: int = 64_000  # classifier training budget, latents seen
+    test_images: int = 200  # held-out images judged by the oracle
+    manipulation_images: int = 64
+    sample_images: int = 100
+    steps: int = 20  # DDIM steps of inversion and decoding in the evaluation
+    alphas: tuple[float, ...] = (0.4, 0.8)
+    seed: int = 0
+    port: int = 8000
+    metrics_port: int = 8080
+
+    def fingerprint(self, *names: str) -> str:
+        values = {n: getattr(self, n) for n in names}
+        return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class DemoStepError(RuntimeError):
+    """A demo step failed; the message names the step."""
+
+
+class StepRunner:
+    """Runs named steps in order with timings, reusing finished ones recorded in ``out/state``."""
+
+    def __init__(self, out: Path, total: int) -> None:
+        self.state = out / "state"
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.total, self.index = total, 0
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run ``fn`` unless ``state/<name>.json`` holds a result for the same ``key``; return its result."""
+        self.index += 1
+        marker = self.state / f"{name}.json"
+        if marker.exists():
+            saved = json.loads(marker.read_text())
+            if saved.get("key") == key:
+                print(f"== [{self.index}/{self.total}] {name}: reused (finished earlier; --fresh to redo)", flush=True)
+                self.timings[name] = 0.0
+                return saved["result"]
+        print(f"== [{self.index}/{self.total}] {name} ...", flush=True)
+        start = time.time()
+        try:
+            result = fn()
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # every failure becomes one clear line naming the step
+            raise DemoStepError(f"demo step '{name}' failed: {type(exc).__name__}: {exc}") from exc
+        self.timings[name] = round(time.time() - start, 1)
+        marker.write_text(json.dumps({"key": key, "result": result}, indent=2, default=str))
+        print(f"== [{self.index}/{self.total}] {name} done in {self.timings[name]:.0f} s", flush=True)
+        return result
+
+
+def _start_ray(settings: DemoSettings) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # 2 training workers + Ray Data tasks on a 2-core machine: logical CPUs above the core count keep
+    # Data from starving (see ray-notes.md); each worker still computes with one thread.
+    ray.init(address="local", num_cpus=max(4, (os.cpu_count() or 2) * 2), include_dashboard=False,
+             _metrics_export_port=settings.metrics_port, log_to_driver=True,
+             _system_config={"metrics_report_interval_ms": 2000})
+    # The demo prints its own step lines; Ray Data's per-operator progress would bury them.
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _model_config(settings: DemoSettings):
+    try:
+        cfg = get_preset(settings.preset)
+    except (KeyError, ValueError):
+        print(f"preset {settings.preset!r} not found; using {FALLBACK_PRESET}", flush=True)
+        cfg = get_preset(FALLBACK_PRESET)
+    cfg.train = dataclasses.replace(cfg.train, total_samples=settings.budget_images, seed=settings.seed)
+    return cfg
+
+
+# ---- steps ------------------------------------------------------------------------------------
+def step_data(settings: DemoSettings, image_size: int) -> dict[str, Any]:
+    from .data import prepare
+
+    dest = Path(settings.out) / "data"
+    if dest.exists():
+        shutil.rmtree(dest)  # a half-written earlier attempt
+    summary = prepare(f"shapes:{settings.images}", str(dest), image_size, seed=settings.seed)
+    return {"data": str(dest), **{k: summary[k] for k in ("images", "files", "attributes", "skipped")}}
+
+
+def step_train(settings: DemoSettings, data: str) -> dict[str, Any]:
+    from .export import export_bundle
+    from .train_autoencoder import TrainJobConfig, train_autoencoder
+
+    storage = str(Path(settings.out) / "runs")
+    name = "autoencoder"
+    run_dir = Path(storage) / name
+    summary_file = run_dir / "summary.json"
+    if summary_file.exists():  # finished earlier (e.g. the demo stopped in a later step)
+        summary = json.loads(summary_file.read_text())
+        if summary.get("samples_seen") == settings.budget_images:
+            bundle = run_dir / "bundle"
+            if not (bundle / "manifest.json").exists():  # the run ended before its bundle was written
+                export_bundle(str(run_dir), str(bundle))
+            return {**summary, "bundle": str(bundle), "run_dir": str(run_dir)}
+    cfg = _model_config(settings)
+    job = TrainJobConfig(
+        data=data, storage=storage, name=name, model=cfg, num_workers=settings.num_workers,
+        cpus_per_worker=1.0, holdout=settings.holdout, checkpoint_every=max(cfg.train.batch_size, settings.budget_images // 6),
+        grid_every=max(cfg.train.batch_size, settings.budget_images // 3), log_every=10,
+        resume=(run_dir / "config.json").exists(),  # a stopped run continues from its last checkpoint
+    )
+    result = train_autoencoder(job)
+    return {"bundle": result.bundle, "run_dir": result.run_dir, **result.summary}
+
+
+def step_latents(settings: DemoSettings, data: str, bundle: str) -> dict[str, Any]:
+    from .data import open_images
+    from .infer_latents import infer_latents
+
+    size = DiffAE.load(bundle).config.image_size
+    images = open_images(data, size, split="train", holdout=settings.holdout, flip=False)
+    out = str(Path(settings.out) / "latents")
+    stats = infer_latents(images.dataset, bundle, out, batch_size=64, concurrency=1, skips=images.skips)
+    return {"latents": out, "count": stats.count, "z_std_mean": float(stats.std.mean())}
+
+
+def step_latent_dpm(settings: DemoSettings, bundle: str, latents: str) -> dict[str, Any]:
+    from .train_latent import LatentTrainJob, train_latent
+
+    cfg = _model_config(settings)
+    recipe = dataclasses.replace(cfg.latent_train, total_samples=settings.latent_budget, seed=settings.seed)
+    job = LatentTrainJob(bundle=bundle, latents=latents, storage=str(Path(settings.out) / "runs"), name="latent",
+                         train=recipe, num_workers=1, log_every=200)
+    result = train_latent(job)
+    last = result.history[-1][1] if result.history else None
+    return {"bundle": result.bundle, "steps": result.steps, "samples": result.samples, "final_loss": last}
+
+
+def step_classifier(settings: DemoSettings, bundle: str, latents: str) -> dict[str, Any]:
+    from .train_classifier import CLASSIFIER_RECIPE, ClassifierJob, train_classifier
+
+    # The official 300k-sample budget is for 30k CelebA-HQ latents; 4 attributes of a few thousand
+    # latents converge long before that (the loss plateaus by ~60k samples).
+    recipe = dataclasses.replace(CLASSIFIER_RECIPE, total_samples=settings.classifier_budget, seed=settings.seed)
+    job = ClassifierJob(bundle=bundle, latents=latents, storage=str(Path(settings.out) / "runs"), name="classifier",
+                        train=recipe)
+    result = train_classifier(job)
+    return {"bundle": result.bundle, "metrics": result.metrics}
+
+
+def test_split(settings: DemoSettings, data: str, image_size: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` held-out images [n, 3, S, S] in [-1, 1] and their attributes [n, 4] (sorted by id)."""
+    from diffae_core.datasets import SHAPES_ATTRIBUTES
+
+    from .data import load_dataset
+
+    ds = load_dataset(data, image_size, split="heldout", holdout=settings.holdout, flip=False)
+    rows = sorted(ds.take_all(), key=lambda r: str(r["id"]))[:n]
+    if not rows:
+        raise RuntimeError(f"the held-out split of {data} is empty")
+    images = torch.stack([torch.tensor(r["image"]) for r in rows]).float()  # a copy: Ray hands out read-only arrays
+    attrs = torch.tensor([[int(r[a]) for a in SHAPES_ATTRIBUTES] for r in rows], dtype=torch.int64)
+    return images, attrs
+
+
+def step_evaluate(settings: DemoSettings, data: str, bundle: str) -> dict[str, Any]:
+    from diffae_core import quality
+
+    model = DiffAE.load(bundle)
+    n = settings.test_images
+    images, attrs = test_split(settings, data, model.config.image_size, n)
+    steps = settings.steps
+    figures = Path(settings.out)
+    stochastic, z, x_T, rec = quality.stochastic_reconstruction(model, images, steps=steps, progress=True)
+    semantic, sem_images = quality.semantic_reconstruction(model, images, attrs, steps=steps, seed=settings.seed,
+                                                           z=z, progress=True)
+    m = min(settings.manipulation_images, len(images))
+    manipulation = quality.manipulation(model, attrs[:m], z[:m], x_T[:m], alphas=settings.alphas, steps=steps,
+                                        progress=True)
+    samples, sample_images = quality.sample_attributes(model, settings.sample_images, attrs, steps=steps,
+                                                       latent_steps=steps, seed=settings.seed, progress=True)
+    demo_report.write_figures(figures, model, images, rec, sem_images, sample_images, z, x_T, settings.alphas, steps)
+    return {"stochastic_reconstruction": stochastic, "semantic_reconstruction": semantic,
+            "manipulation": manipulation, "samples": samples, "test_images": len(images)}
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers the issue targets, next to their targets."""
+    manip = metrics["manipulation"]
+    best = max(manip.values(), key=lambda r: r["success"]) if manip else {"success": 0.0, "kept": 0.0}
+    return {
+        "stochastic_psnr_db": {"value": metrics["stochastic_reconstruction"]["psnr_db"], "target": 30.0},
+        "semantic_agreement_all": {"value": metrics["semantic_reconstruction"]["agreement_all"], "target": 0.9},
+        "manipulation_success_mean": {"value": sum(r["success"] for r in manip.values()) / max(len(manip), 1),
+                                      "target": 0.7},
+        "manipulation_kept_mean": {"value": sum(r["kept"] for r in manip.values()) / max(len(manip), 1),
+                                   "target": 0.8},
+        "manipulation_best_success": {"value": best["success"], "target": 0.7},
+    }
+
+
+def step_serve(settings: DemoSettings, bundle: str) -> dict[str, Any]:
+    from . import demo_serve
+
+    return demo_serve.call_app(bundle, Path(settings.out) / "served", settings.port, settings.metrics_port,
+                               keep_serving=os.environ.get("DEMO_KEEP_SERVING") == "1")
+
+
+# ---- main -------------------------------------------------------------------------------------
+def run_demo(settings: DemoSettings, fresh: bool = False) -> dict[str, Any]:
+    """Run every step; returns metrics.json's content. Raises DemoStepError naming the failed step."""
+    settings = dataclasses.replace(settings, out=os.path.abspath(settings.out))
+    out = Path(settings.out)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    image_size = _model_config(settings).image_size
+    runner = StepRunner(out, total=8)
+    _start_ray(settings)
+
+    data = runner.run("data", settings.fingerprint("images", "holdout", "seed", "preset"),
+                      lambda: step_data(settings, image_size))
+    key = settings.fingerprint("images", "holdout", "seed", "preset", "budget_images", "num_workers")
+    train = runner.run("train", key, lambda: step_train(settings, data["data"]))
+    latents = runner.run("latents", key, lambda: step_latents(settings, data["data"], train["bundle"]))
+    key += settings.fingerprint("latent_budget", "classifier_budget")
+    latent = runner.run("latent-dpm", key, lambda: step_latent_dpm(settings, train["bundle"], latents["latents"]))
+    classifier = runner.run("classifier", key, lambda: step_classifier(settings, train["bundle"], latents["latents"]))
+    key += settings.fingerprint("test_images", "manipulation_images", "sample_images", "steps", "alphas")
+    evaluation = runner.run("evaluate", key, lambda: step_evaluate(settings, data["data"], train["bundle"]))
+
+    metrics = {
+        "headline": _headline(evaluation), **evaluation,
+        "training": {k: train.get(k) for k in ("samples_seen", "steps", "loss", "images_per_second", "seconds",
+                                               "num_workers", "skipped_images")},
+        "latent_dpm": latent, "classifier": classifier["metrics"], "data": data, "latents": latents,
+        "settings": dataclasses.asdict(settings), "bundle": train["bundle"],
+    }
+    def report() -> dict[str, Any]:
+        metrics["timings_s"] = {**runner.timings, "total": round(time.time() - started, 1)}
+        runtime.write_json(str(out / "metrics.json"), metrics)
+        demo_report.write_html(out, metrics)
+        return {"report": str(out / "report.html")}
+
+    runner.run("report", str(time.time()), report)  # always rewritten: cheap, and shows this run's timings
+    metrics["serving"] = runner.run("serve", str(time.time()), lambda: step_serve(settings, train["bundle"]))
+    report()  # again, now with the served images and URLs
+    return metrics
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    d = DemoSettings()
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=d.out, help="output directory")
+    p.add_argument("--preset", default=d.preset, help="model preset (diffae_core.config.PRESETS)")
+    p.add_argument("--images", type=int, default=d.images, help="size of the shapes data set")
+    p.add_argument("--budget-images", type=int, default=d.budget_images, help="autoencoder training budget (images)")
+    p.add_argument("--latent-budget", type=int, default=d.latent_budget, help="latent DPM budget (latents)")
+    p.add_argument("--test-images", type=int, default=d.test_images, help="held-out images to evaluate")
+    p.add_argument("--steps", type=int, default=d.steps, help="DDIM steps in evaluation")
+    p.add_argument("--port", type=int, default=d.port, help="HTTP port of the Serve app")
+    p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Ray's Prometheus export port")
+    p.add_argument("--fresh", action="store_true", help="delete the output directory and start over")
+    return p
+
+
+# The demo runs a single-node Ray in this process, on loopback only (see ray-notes.md); a user's own
+# settings win.
+DEMO_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+                "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0"}
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    for key, value in DEMO_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    settings = DemoSettings(out=args.out, preset=args.preset, images=args.images, budget_images=args.budget_images,
+                            latent_budget=args.latent_budget, test_images=args.test_images, steps=args.steps,
+                            port=args.port, metrics_port=args.metrics_port)
+    try:
+        metrics = run_demo(settings, fresh=args.fresh)
+    except DemoStepError as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        print("Fix the cause and run `make demo` again: finished steps are reused.", file=sys.stderr)
+        return 1
+    out = Path(settings.out)
+    print(f"\nreport: {(out / 'report.html').resolve()}")
+    for name, row in metrics["headline"].items():
+        print(f"  {name:28s} {row['value']:.3f}  (target {row['target']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
