@@ -23,7 +23,7 @@ from benchmarks.common import machine, median, setup_threads, time_calls  # noqa
 from diffae_core import DiffAE  # noqa: E402
 from diffae_core.ema import EMA  # noqa: E402
 
-DEFAULT_BATCHES = {"tiny32": (8, 32), "ffhq64": (4, 16)}
+DEFAULT_BATCHES = {"tiny32": (8, 32), "demo16": (32,), "ffhq64": (4, 16)}
 
 
 def make_step(preset: str, batch: int, device: torch.device, channels_last: bool, optim_impl: str,
