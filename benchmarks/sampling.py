@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
             z = model.encode(x)
             ops = {
-                "encode": lambda x=x: model.encode(x),
-                "invert+decode": lambda x=x, z=z: model.decode(
+                "encode": lambda x=x, model=model: model.encode(x),
+                "invert+decode": lambda x=x, z=z, model=model: model.decode(
                     model.encode_stochastic(x, z, steps=args.steps), z, steps=args.steps),
             }
             for name, fn in ops.items():
