@@ -27,8 +27,8 @@ def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, name:
     running Ray (``ray.init`` first) and return its base URL, e.g. ``http://127.0.0.1:8000``, once every
     deployment is running.
 
-    Starts Serve's HTTP proxy on ``host:port`` if Serve is not running yet (an already running Serve
-    keeps its own address). Deploying again under the same ``name`` replaces the application in place.
+    Starts Serve's HTTP proxy on ``host:port`` if Serve is not running yet; an already running Serve
+    keeps its own address, and the URL returned is that one. Deploying again under the same ``name`` replaces the application in place.
     Raises RuntimeError when Ray has fewer logical CPUs than the minimum replicas reserve.
     """
     import ray
@@ -46,7 +46,21 @@ def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, name:
             "with more (ray.init(num_cpus=...), `diffae serve --num-cpus`) or lower deployments.*.num_cpus")
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix="/")
+    host, port = _proxy_address(host, port)
     return f"http://{host}:{port}"
+
+
+def _proxy_address(host: str, port: int) -> tuple[str, int]:
+    """Where Serve's HTTP proxy really listens: a Serve that was already running (started by another app in
+    this Ray) keeps its own host and port, whatever this call asked for."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        config = _get_global_client().http_config
+    except (ImportError, AttributeError, RuntimeError):  # private API moved: trust the requested address
+        return host, port
+    real_host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    return real_host, int(config.port)
 
 
 def stop(name: str = APP_NAME) -> None:

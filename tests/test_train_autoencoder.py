@@ -81,8 +81,13 @@ def test_ddp_two_workers_fault_tolerance_and_outputs(ray_cluster, tmp_path):
     print(json.dumps({"attempts": attempts, "summary": result.summary}, default=str))
 
     # -- the failure happened and the run resumed from the last checkpoint before it
-    resume_step = (FAIL_AT * BATCH // CHECKPOINT_EVERY) * CHECKPOINT_EVERY // BATCH  # 8
-    assert attempts == [0, resume_step]
+    # Usually step 8 (the last checkpoint before step 10). Ray Train registers a checkpoint only once every
+    # rank's report() for that step has returned, so on a slow machine the dying rank can beat step 8's
+    # registration and the run resumes from step 4: any checkpoint boundary before the failure is right.
+    every = CHECKPOINT_EVERY // BATCH
+    assert len(attempts) == 2 and attempts[0] == 0, attempts
+    resume_step = attempts[1]
+    assert 0 < resume_step <= FAIL_AT and resume_step % every == 0, attempts
     first = [r for r in steps if r["attempt_start"] == 0]
     assert max(r["step"] for r in first) == FAIL_AT
 
