@@ -37,13 +37,12 @@ from typing import Any
 import torch
 
 from diffae_core import DiffAE
-from diffae_core.config import get_preset
+from diffae_core.config import PRESETS, get_preset
 
 from . import demo_report, runtime
 
 DEFAULT_OUT = "outputs/demo"
 DEFAULT_PRESET = "demo16"
-FALLBACK_PRESET = "tiny32"
 
 
 @dataclasses.dataclass
@@ -130,11 +129,7 @@ def _start_ray(settings: DemoSettings) -> None:
 
 
 def _model_config(settings: DemoSettings):
-    try:
-        cfg = get_preset(settings.preset)
-    except (KeyError, ValueError):
-        print(f"preset {settings.preset!r} not found; using {FALLBACK_PRESET}", flush=True)
-        cfg = get_preset(FALLBACK_PRESET)
+    cfg = get_preset(settings.preset)  # an unknown name is an error that lists the presets
     cfg.train = dataclasses.replace(cfg.train, total_samples=settings.budget_images, seed=settings.seed)
     return cfg
 
@@ -317,7 +312,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=d.out, help="output directory")
-    p.add_argument("--preset", default=d.preset, help="model preset (diffae_core.config.PRESETS)")
+    p.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help="model preset")
     p.add_argument("--images", type=int, default=d.images, help="size of the shapes data set")
     p.add_argument("--budget-images", type=int, default=d.budget_images, help="autoencoder training budget (images)")
     p.add_argument("--latent-budget", type=int, default=d.latent_budget, help="latent DPM budget (latents)")
