@@ -2,7 +2,10 @@
 
     python benchmarks/demo_recipe.py --recipe official|fast --budget-images N --eval-every M
                                      [--threads 1] [--eval-n 128] [--eval-steps 10] [--alpha 0.5]
-                                     [--size 16] [--lr 1e-3] [--high-t-fraction 0.5] ... (overrides)
+                                     [--size 16] [--lr 1e-3] [--high-t-fraction 0.5] [--prediction v]
+                                     ... (overrides)
+    python benchmarks/demo_recipe.py --evaluate BUNDLE [BUNDLE ...]   (same evaluation, no training;
+                                     reads samples_seen from BUNDLE/export.json when present)
 
 Trains the autoencoder on rendered ``shapes`` (a fixed training set, fixed seeds) and, every M images
 seen, evaluates on held-out images with the pixel oracle (``shapes_oracle``), never with the model's own
@@ -63,6 +66,7 @@ class Recipe:
     high_t_fraction: float
     high_t_start: float
     x0_weight_max: float
+    prediction: str  # "eps" (official) or "v"
     eval_weights: str  # "ema" or "online"
 
 
@@ -74,7 +78,7 @@ def recipe_from_config(cfg: ModelConfig, eval_weights: str = "ema") -> Recipe:
         dropout=u.dropout, batch=tr.batch_size, lr=tr.lr, warmup_steps=tr.warmup_steps,
         ema_decay=tr.ema_decay, ema_warmup_steps=tr.ema_warmup_steps,
         high_t_fraction=getattr(tr, "high_t_fraction", 0.0), high_t_start=getattr(tr, "high_t_start", 0.5),
-        x0_weight_max=getattr(tr, "x0_weight_max", 0.0),
+        x0_weight_max=getattr(tr, "x0_weight_max", 0.0), prediction=cfg.diffusion.prediction,
         eval_weights=eval_weights,
     )
 
@@ -97,6 +101,7 @@ def build_config(base: ModelConfig, r: Recipe) -> ModelConfig:
                                    channel_mult=r.channel_mult, attention_resolutions=r.attention,
                                    dropout=r.dropout)
     cfg.encoder = dataclasses.replace(cfg.encoder, channel_mult=r.enc_channel_mult)
+    cfg.diffusion = dataclasses.replace(cfg.diffusion, prediction=r.prediction)
     train = dict(batch_size=r.batch, lr=r.lr, warmup_steps=r.warmup_steps, ema_decay=r.ema_decay,
                  ema_warmup_steps=r.ema_warmup_steps, x0_weight_max=r.x0_weight_max)
     if r.high_t_fraction:
@@ -188,6 +193,35 @@ def lr_at(step: int, r: Recipe) -> float:
     return r.lr
 
 
+def print_row(res: dict) -> None:
+    best = max(res["manip"], key=lambda a: np.mean([v["ok"] for v in res["manip"][a].values()]))
+    cells = [f"{v['flip']:.2f}/{v['kept']:.2f}/{v['ok']:.2f}" for v in res["manip"][best].values()]
+    print(" | ".join([str(res["images"]), f"{res['train_s']:.0f}", f"{res['img_s']:.1f}", f"{res['loss']:.4f}",
+                      f"{res['sem']:.3f}", f"{res['sem4']:.3f}", f"{res['psnr']:.2f}", *cells])
+          + f"   (alpha {best}, zgap {res['zgap']:.3f}, probe acc {res['probe_acc']:.3f}, "
+          f"sem/attr {res['sem_per_attr']}, eval {res['eval_s']:.0f} s)", flush=True)
+
+
+def evaluate_bundles(bundles: list[str], test_x: torch.Tensor, test_y: np.ndarray, probe_x: torch.Tensor,
+                     probe_y: np.ndarray, args: argparse.Namespace) -> int:
+    """Evaluate saved bundles (no training); rows as in a training curve, train columns from provenance."""
+    curve = []
+    for bundle in bundles:
+        model = DiffAE.load(bundle)
+        model.classifier = None
+        start = time.perf_counter()
+        res = evaluate(model, test_x, test_y, probe_x, probe_y, args.eval_steps, args.alpha)
+        about_file = Path(bundle) / "export.json"
+        about = json.loads(about_file.read_text()) if about_file.exists() else {}
+        res.update(bundle=bundle, images=about.get("samples_seen", 0), train_s=0.0, img_s=0.0,
+                   loss=float("nan"), eval_s=round(time.perf_counter() - start, 1))
+        curve.append(res)
+        print_row(res)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "curve": curve}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="fast", choices=["official", "fast"])
@@ -203,12 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress", type=int, default=50, help="print the loss every N steps (0 = never)")
     p.add_argument("--json", help="also write the curve as JSON here")
     p.add_argument("--save", help="save the final model as a bundle here")
+    p.add_argument("--evaluate", nargs="+", metavar="BUNDLE",
+                   help="no training: evaluate these bundles (e.g. exported checkpoints of a pipeline run) the "
+                        "same way and print one row each")
     for f in dataclasses.fields(Recipe):
         flag = "--" + f.name.replace("_", "-")
         if f.name in ("channel_mult", "enc_channel_mult", "attention"):
             p.add_argument(flag, type=int, nargs="*")
         elif f.name == "eval_weights":
             p.add_argument(flag, choices=["ema", "online"])
+        elif f.name == "prediction":
+            p.add_argument(flag, choices=["eps", "v"])
         else:
             p.add_argument(flag, type=int if f.type == "int" else float)
     args = p.parse_args(argv)
@@ -231,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     probe_x = to_tensor(probe_np)
     print(f"# data: {args.train_n} train / {args.eval_n} test / {args.probe_n} probe images rendered in "
           f"{time.perf_counter() - t0:.1f} s; eval with {args.eval_steps} DDIM steps, alpha {args.alpha}")
+
+    if args.evaluate:
+        return evaluate_bundles(args.evaluate, test_x, test_y, probe_x, probe_y, args)
 
     torch.manual_seed(args.seed)
     model = DiffAE.from_config(cfg).train()
@@ -276,12 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             res.update(images=seen, steps=step, train_s=round(train_s, 1), img_s=round(seen / train_s, 1),
                        loss=float(np.mean(losses[-50:])), eval_s=round(time.perf_counter() - ev_start, 1))
             curve.append(res)
-            best = max(res["manip"], key=lambda a: np.mean([v["ok"] for v in res["manip"][a].values()]))
-            cells = [f"{v['flip']:.2f}/{v['kept']:.2f}/{v['ok']:.2f}" for v in res["manip"][best].values()]
-            print(" | ".join([str(seen), f"{train_s:.0f}", f"{seen / train_s:.1f}", f"{res['loss']:.4f}",
-                              f"{res['sem']:.3f}", f"{res['sem4']:.3f}", f"{res['psnr']:.2f}", *cells])
-                  + f"   (alpha {best}, zgap {res['zgap']:.3f}, probe acc {res['probe_acc']:.3f}, sem/attr {res['sem_per_attr']}, "
-                  f"eval {res['eval_s']:.0f} s)", flush=True)
+            print_row(res)
     if args.json:
         Path(args.json).write_text(json.dumps({"recipe": dataclasses.asdict(recipe), "threads": threads,
                                                "machine": machine(), "curve": curve}, indent=1))

@@ -1,5 +1,7 @@
-"""Gaussian diffusion with epsilon prediction: schedules, training loss, DDIM sampling and inversion.
+"""Gaussian diffusion: schedules, training loss, DDIM sampling and inversion.
 
+The network predicts eps (official) or v = sqrt(a_t) eps - sqrt(1-a_t) x0 (``DiffusionConfig.prediction``);
+the sampler turns either into (x0_hat, eps_hat), so DDIM and its inversion are the same for both.
 Tables are computed in float64 and used in float32, as the official code. Networks are always called
 with ORIGINAL timesteps (0..T-1), never with respaced indices.
 """
@@ -15,8 +17,9 @@ import torch
 
 from .config import DiffusionConfig
 
-EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t [B,...], t [B] int64) -> eps_hat
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t [B,...], t [B] int64) -> network output
 MAX_STEPS = 1000
+PREDICTIONS = ("eps", "v")
 
 
 def beta_schedule(name: str, T: int = 1000) -> np.ndarray:
@@ -71,6 +74,8 @@ class _Tables:
     timesteps: torch.Tensor  # [N] int64 original timesteps
     sqrt_recip: torch.Tensor  # sqrt(1/a)
     sqrt_recipm1: torch.Tensor  # sqrt(1/a - 1)
+    sqrt_a: torch.Tensor  # sqrt(a), for v prediction
+    sqrt_1m_a: torch.Tensor  # sqrt(1 - a)
     sqrt_prev: torch.Tensor  # sqrt(a_prev), a_prev = 1 at the first step
     sqrt_1m_prev: torch.Tensor
     sqrt_next: torch.Tensor  # sqrt(a_next), a_next = 0 at the last step
@@ -81,6 +86,8 @@ class GaussianDiffusion:
     """One diffusion process (T steps, a beta schedule) and its DDIM respacings."""
 
     def __init__(self, cfg: DiffusionConfig):
+        if cfg.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {cfg.prediction!r}; use one of {PREDICTIONS}")
         self.cfg = cfg
         self.T = cfg.T
         self.betas = beta_schedule(cfg.beta_schedule, cfg.T)
@@ -132,14 +139,20 @@ class GaussianDiffusion:
     def training_loss(
         self, eps_fn: EpsFn, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, x0_weight_max: float = 0.0
     ) -> torch.Tensor:
-        """Per-example loss [B]: mean over non-batch dims of (eps - eps_hat)^2 (mse) or |.| (l1).
+        """Per-example loss [B]: mean over non-batch dims of (target - output)^2 (mse) or |.| (l1).
 
+        The target is the noise (``prediction="eps"``, official) or v = sqrt(a_t) noise - sqrt(1-a_t) x0.
         ``x0_weight_max`` > 0 multiplies each example's loss by clamp(1/SNR(t), 1, x0_weight_max)
         (1/SNR = (1 - a_t) / a_t): plain eps loss where SNR >= 1, the x0 error (truncated) at high t,
         where only z_sem can tell the decoder what the image is. 0 = official (unweighted).
         """
         x_t = self.q_sample(x0, t, noise)
-        err = eps_fn(x_t, t).float() - noise.float()
+        target = noise.float()
+        if self.cfg.prediction == "v":
+            sqrt_a, sqrt_1m_a = self._q_tables(x0.device)
+            shape = (-1,) + (1,) * (x0.dim() - 1)
+            target = sqrt_a[t].view(shape) * noise.float() - sqrt_1m_a[t].view(shape) * x0.float()
+        err = eps_fn(x_t, t).float() - target
         err = err.abs() if self.cfg.loss == "l1" else err.square()
         loss = err.flatten(1).mean(1)
         if x0_weight_max > 0:
@@ -173,6 +186,8 @@ class GaussianDiffusion:
             timesteps=torch.tensor(ts, dtype=torch.int64, device=device),
             sqrt_recip=f32(np.sqrt(1.0 / ac)),
             sqrt_recipm1=f32(np.sqrt(1.0 / ac - 1)),
+            sqrt_a=f32(np.sqrt(ac)),
+            sqrt_1m_a=f32(np.sqrt(1.0 - ac)),
             sqrt_prev=prev32.sqrt(),
             sqrt_1m_prev=(1 - prev32).sqrt(),
             sqrt_next=next32.sqrt(),
@@ -183,8 +198,11 @@ class GaussianDiffusion:
         self, eps_fn: EpsFn, x: torch.Tensor, tab: _Tables, i: int, clip: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         t = tab.timesteps[i].expand(x.shape[0])
-        eps = eps_fn(x, t).float()
-        x0 = tab.sqrt_recip[i] * x - tab.sqrt_recipm1[i] * eps
+        out = eps_fn(x, t).float()
+        if self.cfg.prediction == "v":
+            x0 = tab.sqrt_a[i] * x - tab.sqrt_1m_a[i] * out
+        else:
+            x0 = tab.sqrt_recip[i] * x - tab.sqrt_recipm1[i] * out
         if clip:
             x0 = x0.clamp(-1, 1)
         # re-derive eps from the (clipped) x0 so the update stays on the DDIM trajectory

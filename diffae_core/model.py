@@ -144,7 +144,8 @@ class DiffAE(nn.Module):
 
     # ---- raw network calls ---------------------------------------------------------------------
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """eps_hat [B,3,H,W] for x_t [B,3,H,W], t [B] int64 ORIGINAL timesteps in [0,T), z [B,Z]."""
+        """The decoder's raw output [B,3,H,W] for x_t [B,3,H,W], t [B] int64 ORIGINAL timesteps in [0,T),
+        z [B,Z]: eps_hat, or v_hat when ``config.diffusion.prediction == "v"``."""
         with self._inference():
             x_t = self._check_images(x_t, "x_t").float()
             return self.unet(x_t, self._check_t(t, x_t.shape[0], self.diffusion.T), z.float()).float()
@@ -280,7 +281,7 @@ class DiffAE(nn.Module):
     def training_loss(
         self, x0: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Mean eps-MSE over the batch for clean images x0 [B,3,H,W] in [-1,1] (gradients flow into
+        """Mean MSE of the eps (or v) target over the batch for clean images x0 [B,3,H,W] in [-1,1] (gradients flow into
         encoder and UNet). t [B] int64 defaults to a draw from ``sample_t`` (uniform unless
         ``config.train.high_t_fraction`` > 0); noise to a standard normal draw. The loss is weighted
         toward high t when ``config.train.x0_weight_max`` > 0 (see ``GaussianDiffusion.training_loss``)."""

@@ -82,3 +82,42 @@ def test_x0_weighting_is_off_by_default_and_truncated():
     assert weighted[0] == plain[0]  # SNR >= 1: unchanged
     assert torch.allclose(weighted, expected.float())
     assert TrainConfig().x0_weight_max == 0.0
+
+
+def _oracle(d: GaussianDiffusion, x0: torch.Tensor, prediction: str):
+    """A network that knows x0: returns the exact eps or v for any x_t."""
+    ac = torch.from_numpy(d.alphas_cumprod).float()
+
+    def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = ac[t].view(-1, 1, 1, 1)
+        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        return eps if prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    return fn
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_v_and_eps_prediction_share_one_sampler(prediction):
+    """The exact eps or v gives zero training loss, and DDIM from any x_T lands on x0 (both targets)."""
+    d = GaussianDiffusion(DiffusionConfig(prediction=prediction))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 8, 8, generator=g) * 1.6 - 0.8
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0, 300, 700, 999])
+    assert d.training_loss(_oracle(d, x0, prediction), x0, t, noise).max() < 1e-8
+    wrong = d.training_loss(_oracle(d, x0, "v" if prediction == "eps" else "eps"), x0, t, noise)
+    assert wrong[1:].min() > 1e-3  # the other target is a different function of x_t
+    out = d.ddim_sample(_oracle(d, x0, prediction), torch.randn(x0.shape, generator=g), steps=10)
+    assert (out - x0).abs().max() < 1e-3
+    x_T = d.ddim_invert(_oracle(d, x0, prediction), x0, steps=10)
+    assert (d.ddim_sample(_oracle(d, x0, prediction), x_T, steps=10) - x0).abs().max() < 1e-3
+
+
+def test_prediction_defaults_to_the_official_eps_and_rejects_typos():
+    assert DiffusionConfig().prediction == "eps"
+    assert all(p.diffusion.prediction == "eps" for name, p in PRESETS.items() if name != "demo16")
+    with pytest.raises(ValueError, match="prediction"):
+        GaussianDiffusion(DiffusionConfig(prediction="x0"))
+    legacy = get_preset("tiny32").to_dict()
+    del legacy["diffusion"]["prediction"]  # a bundle written before the field existed
+    assert ModelConfig.from_dict(legacy).diffusion.prediction == "eps"
