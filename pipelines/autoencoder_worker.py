@@ -42,6 +42,16 @@ STATE_FILE = "state.pt"
 CHECKPOINT_FORMAT = "diffae-ray-autoencoder-checkpoint"
 
 
+def _progress_bar(total: int, done: int, name: str):
+    """A progress bar in images for rank 0, drawn on the driver (``ray.experimental.tqdm_ray``)."""
+    from ray.experimental import tqdm_ray
+
+    bar = tqdm_ray.tqdm(total=total, desc=f"train {name}", unit="img")
+    if done:
+        bar.update(done)  # a resumed run starts where its checkpoint left off
+    return bar
+
+
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
@@ -224,6 +234,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         Path(job.ledger_dir).mkdir(parents=True, exist_ok=True)
         ledger = open(Path(job.ledger_dir) / f"rank{rank}.jsonl", "a")  # noqa: SIM115 (closed at the end)
 
+    # rank 0's bar is drawn by the driver's console (Ray forwards it); log lines stay for checkpoints
+    bar = _progress_bar(total, samples, job.name) if rank == 0 and job.progress_bar else None
     loss_sum = torch.zeros((), device=device)
     window_samples, window_steps, window_start = 0, 0, time.perf_counter()
     while samples < total:
@@ -280,8 +292,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             gauge_ips.set(ips)
             counter.inc(window_samples)
             metrics["skipped_images"] = loop_config["skips"].count()
-            print(f"[train] step {step}/{-(-total // batch)} samples {samples}/{total} ({100 * samples / total:.1f}%) "
-                  f"loss {last_loss:.4f} {ips:.1f} img/s epoch {stream.epoch}", flush=True)
+            if bar is not None:
+                bar.set_description(f"train loss {last_loss:.4f} {ips:.1f} img/s")
+                bar.update(window_samples)
+            if bar is None or save:
+                print(f"[train] step {step}/{-(-total // batch)} samples {samples}/{total} "
+                      f"({100 * samples / total:.1f}%) loss {last_loss:.4f} {ips:.1f} img/s epoch {stream.epoch}",
+                      flush=True)
             if grid and fixed is not None and len(fixed):
                 _write_grid(ema.shadow, fixed, recipe.seed, job.grid_steps,
                             storage.uri_join(run_dir, "grids", f"step-{step:08d}.png"), endpoint)
@@ -300,6 +317,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         loss_sum.zero_()
         window_samples, window_steps, window_start = 0, 0, time.perf_counter()
 
+    if bar is not None:
+        bar.close()
     if ledger is not None:
         digest = torch.cat([p.detach().flatten().cpu() for p in model.parameters()]).numpy().tobytes()
         ledger.write(json.dumps({"final": True, "rank": rank, "step": step, "samples": samples,

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffae_core.config import ModelConfig, TrainConfig, get_preset
+from diffae_core.config import PRESETS, ModelConfig, TrainConfig, get_preset
+from diffae_core.diffusion import PREDICTIONS
 
 from . import runtime, storage
 from .data import CROPS
@@ -47,7 +48,8 @@ class TrainJobConfig:
     precision: str = "auto"  # auto (bf16 on GPU if supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
     checkpoint_every: int = 100_000  # samples between checkpoints (official save_every_samples)
     grid_every: int = 20_000  # samples between PNG grids (official sample_every_samples)
-    log_every: int = 10  # steps between progress lines / reported metrics
+    log_every: int = 10  # steps between progress updates / reported metrics
+    progress_bar: bool = True  # rank 0 draws a bar (loss, images/s); without it, a log line per log_every
     max_failures: int = 3  # worker-group restarts before the run fails
     keep_checkpoints: int = 2
     s3_endpoint: str | None = None  # resolved on the driver and handed to the workers
@@ -172,9 +174,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--name", help="run name (default: autoencoder-<timestamp>)")
     p.add_argument("--resume", metavar="RUN", help="continue the stopped run STORAGE/RUN with its saved config "
                                                    "(flags given now override it, e.g. --max-samples)")
-    p.add_argument("--preset", help=f"model preset (default: {DEFAULT_PRESET}); one of: tiny32, ffhq64, celeba64, "
-                                    "ffhq128, horse128, bedroom128, ffhq256")
+    p.add_argument("--preset", choices=sorted(PRESETS), help=f"model preset (default: {DEFAULT_PRESET})")
     p.add_argument("--image-size", type=int, help="override the preset's image size")
+    p.add_argument("--prediction", choices=PREDICTIONS,
+                   help="what the decoder predicts: eps (official presets) or v (demo16; learns z_sem faster)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     runtime.add_train_flags(p)  # --config, --batch-size, --lr, ..., --max-samples, --seed
     p._option_string_actions["--config"].help = (
@@ -185,6 +188,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, help="samples between checkpoints (default: 100000)")
     g.add_argument("--grid-every", type=int, help="samples between PNG grids (default: 20000)")
     g.add_argument("--log-every", type=int, help="steps between progress lines and reported metrics (default: 10)")
+    g.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=None,
+                   help="a log line every --log-every steps instead of a progress bar")
     g.add_argument("--grid-images", type=int, help="images per grid row (default: 8)")
     g.add_argument("--grid-steps", type=int, help="DDIM steps for the grids (default: 20)")
     g = p.add_argument_group("cluster")
@@ -236,6 +241,8 @@ def resolve_job(args: argparse.Namespace) -> TrainJobConfig:
         model_dict = _merge(model_dict, file.get("model") or {})
     if args.image_size is not None:
         model_dict = _merge(model_dict, {"unet": {"image_size": args.image_size}})
+    if args.prediction is not None:
+        model_dict = _merge(model_dict, {"diffusion": {"prediction": args.prediction}})
     model = ModelConfig.from_dict(model_dict)
     file_recipe = {k: v for k, v in file.items() if k in recipe_fields}
     model.train = runtime.resolve_train_config(model.train, file_recipe, **runtime.train_flags(args),

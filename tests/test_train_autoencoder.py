@@ -153,6 +153,11 @@ def test_cli_resolves_flags_config_file_and_resume(tmp_path):
     assert job.model.name == "tiny32" and job.model.image_size == 16 and job.num_workers == 2
     assert job.cpus_per_worker == 0.5 and job.model.train.batch_size == 8 and job.model.train.lr == 0.002
     assert job.model.train.total_samples == 32 and not job.resume
+    assert job.model.diffusion.prediction == "eps" and job.progress_bar
+    v = resolve_job(build_parser().parse_args(["--data", "shapes", "--preset", "tiny32", "--prediction", "v",
+                                               "--no-progress-bar"]))
+    assert v.model.diffusion.prediction == "v" and not v.progress_bar
+    assert resolve_job(build_parser().parse_args(["--data", "shapes", "--preset", "demo16"])).model.diffusion.prediction == "v"
     runtime.save_run_config(job.run_dir, "train_autoencoder", {"settings": job.settings(), "model": job.model.to_dict()})
 
     resumed = resolve_job(build_parser().parse_args(["--resume", "r", "--storage", str(tmp_path), "--max-samples", "64"]))
