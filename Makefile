@@ -25,7 +25,7 @@ demo: install
 
 # The longer-trained demo model (same pipeline, bigger budget), written to outputs/demo-model.
 demo-model: install
-	$(VPY) -m pipelines.demo --out outputs/demo-model --budget-images 240000 $(DEMO_ARGS)
+	$(VPY) -m pipelines.demo --out outputs/demo-model --images 20000 --budget-images 192000 --latent-budget 400000 --demo-model "" --ship assets/demo-model $(DEMO_ARGS)
 
 test: install
 	$(VPY) -m pytest $(PYTEST_ARGS)

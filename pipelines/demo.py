@@ -11,9 +11,16 @@ Steps (each prints its name and time; a failure stops the demo and says which st
 5. classifier  train the linear attribute head (held-out AUROC / F1)
 6. evaluate    judge with the pixel oracle on the test split: stochastic and semantic reconstruction,
                manipulation per attribute, attribute frequencies of unconditional samples
-7. report      PNG grids, metrics.json and report.html in the output directory
-8. serve       start the Serve app on 127.0.0.1, call it over HTTP (reconstruct, manipulate, sample),
-               save the answers, print the URLs; stop unless DEMO_KEEP_SERVING=1
+7. demo-model  the same evaluation of the shipped demo model (``assets/demo-model``: the same pipeline
+               trained longer by ``make demo-model``), whose figures go to ``out/demo-model/``
+8. report      PNG grids, metrics.json and report.html in the output directory
+9. serve       start the Serve app on 127.0.0.1 (the demo model when shipped, else the live one), call
+               it over HTTP (reconstruct, manipulate, sample), save the answers, print the URLs; stop
+               unless DEMO_KEEP_SERVING=1
+
+The live training shows the pipeline at work; within a CPU budget of minutes its semantic code is only
+partly learned, so the shipped model shows what the same pipeline reaches with a longer budget. The
+report says which model produced each figure.
 
 Ray starts in-process (a local instance) and everything is written to local disk. Running the demo
 again reuses every finished step whose settings did not change (``--fresh`` starts over).
@@ -43,6 +50,8 @@ from . import demo_report, runtime
 
 DEFAULT_OUT = "outputs/demo"
 DEFAULT_PRESET = "demo16"
+# The shipped bundle `make demo-model` produced (see assets/demo-model/README.md); "" = none.
+DEFAULT_DEMO_MODEL = str(Path(__file__).resolve().parents[1] / "assets" / "demo-model")
 
 
 @dataclasses.dataclass
@@ -65,6 +74,7 @@ class DemoSettings:
     seed: int = 0
     port: int = 8000
     metrics_port: int = 8080
+    demo_model: str = DEFAULT_DEMO_MODEL  # shipped bundle evaluated (and served) beside the live one; "" = none
 
     def fingerprint(self, *names: str) -> str:
         values = {n: getattr(self, n) for n in names}
@@ -107,6 +117,11 @@ class StepRunner:
         print(f"== [{self.index}/{self.total}] {name} done in {self.timings[name]:.0f} s", flush=True)
         return result
 
+    def skip(self, name: str, reason: str) -> None:
+        """Count a step that does not apply to this run, saying why."""
+        self.index += 1
+        print(f"== [{self.index}/{self.total}] {name}: skipped ({reason})", flush=True)
+
 
 def _start_ray(settings: DemoSettings) -> None:
     import ray
@@ -115,8 +130,11 @@ def _start_ray(settings: DemoSettings) -> None:
         return
     # 2 training workers + Ray Data tasks on a 2-core machine: logical CPUs above the core count keep
     # Data from starving (see ray-notes.md); each worker still computes with one thread.
+    from .ray_logs import SETUP_HOOK
+
     ray.init(address="local", num_cpus=max(4, (os.cpu_count() or 2) * 2), include_dashboard=False,
              _metrics_export_port=settings.metrics_port, log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": SETUP_HOOK},
              _system_config={"metrics_report_interval_ms": 2000})
     # The demo prints its own step lines; Ray Data's per-operator progress would bury them.
     import ray.data
@@ -221,14 +239,14 @@ def test_split(settings: DemoSettings, data: str, image_size: int, n: int) -> tu
     return images, attrs
 
 
-def step_evaluate(settings: DemoSettings, data: str, bundle: str) -> dict[str, Any]:
+def step_evaluate(settings: DemoSettings, data: str, bundle: str, figures: Path) -> dict[str, Any]:
+    """Judge ``bundle`` on the held-out split with the oracle; PNG grids go to ``figures``."""
     from diffae_core import quality
 
     model = DiffAE.load(bundle)
     n = settings.test_images
     images, attrs = test_split(settings, data, model.config.image_size, n)
     steps = settings.steps
-    figures = Path(settings.out)
     stochastic, z, x_T, rec = quality.stochastic_reconstruction(model, images, steps=steps, progress=True)
     semantic, sem_images = quality.semantic_reconstruction(model, images, attrs, steps=steps, seed=settings.seed,
                                                            z=z, progress=True)
@@ -240,6 +258,27 @@ def step_evaluate(settings: DemoSettings, data: str, bundle: str) -> dict[str, A
     demo_report.write_figures(figures, model, images, rec, sem_images, sample_images, z, x_T, settings.alphas, steps)
     return {"stochastic_reconstruction": stochastic, "semantic_reconstruction": semantic,
             "manipulation": manipulation, "samples": samples, "test_images": len(images)}
+
+
+def demo_model_info(path: str, image_size: int) -> dict[str, Any] | None:
+    """What is known about the shipped demo model at ``path``, or None when there is none to evaluate.
+
+    Returns {"bundle", "digest" (of its manifest), "about" (provenance.json beside the bundle, if any)}
+    or {"skipped": reason} when the bundle exists but cannot be judged on this demo's images.
+    """
+    if not path:
+        return None
+    bundle = Path(path)
+    manifest = bundle / "manifest.json"
+    if not manifest.exists():
+        return None
+    about_file = bundle.parent / f"{bundle.name}.json"
+    about = json.loads(about_file.read_text()) if about_file.exists() else {}
+    size = DiffAE.load(str(bundle)).config.image_size
+    if size != image_size:
+        return {"skipped": f"the demo model is {size} px, this demo's images are {image_size} px"}
+    digest = hashlib.sha1(manifest.read_bytes()).hexdigest()[:12]
+    return {"bundle": str(bundle), "digest": digest, "about": about}
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -274,7 +313,7 @@ def run_demo(settings: DemoSettings, fresh: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     image_size = _model_config(settings).image_size
-    runner = StepRunner(out, total=8)
+    runner = StepRunner(out, total=9)
     _start_ray(settings)
 
     data = runner.run("data", settings.fingerprint("images", "holdout", "seed", "preset"),
@@ -286,15 +325,29 @@ def run_demo(settings: DemoSettings, fresh: bool = False) -> dict[str, Any]:
     latent = runner.run("latent-dpm", key, lambda: step_latent_dpm(settings, train["bundle"], latents["latents"]))
     classifier = runner.run("classifier", key, lambda: step_classifier(settings, train["bundle"], latents["latents"]))
     key += settings.fingerprint("test_images", "manipulation_images", "sample_images", "steps", "alphas")
-    evaluation = runner.run("evaluate", key, lambda: step_evaluate(settings, data["data"], train["bundle"]))
+    evaluation = runner.run("evaluate", key, lambda: step_evaluate(settings, data["data"], train["bundle"], out))
+    shipped = demo_model_info(settings.demo_model, image_size)
+    demo_model: dict[str, Any] | None = None
+    if shipped is None or "skipped" in shipped:
+        runner.skip("demo-model", shipped["skipped"] if shipped else "no shipped demo model")
+        demo_model = shipped
+    else:
+        demo_key = shipped["digest"] + settings.fingerprint("images", "holdout", "seed", "preset", "test_images",
+                                                              "manipulation_images", "sample_images", "steps",
+                                                              "alphas")
+        demo_eval = runner.run("demo-model", demo_key,
+                               lambda: step_evaluate(settings, data["data"], shipped["bundle"], out / "demo-model"))
+        demo_model = {"bundle": shipped["bundle"], "about": shipped["about"], "headline": _headline(demo_eval),
+                      **demo_eval}
 
     metrics = {
         "headline": _headline(evaluation), **evaluation,
         "training": {k: train.get(k) for k in ("samples_seen", "steps", "loss", "images_per_second", "seconds",
                                                "num_workers", "skipped_images")},
         "latent_dpm": latent, "classifier": classifier["metrics"], "data": data, "latents": latents,
-        "settings": dataclasses.asdict(settings), "bundle": train["bundle"],
+        "settings": dataclasses.asdict(settings), "bundle": train["bundle"], "demo_model": demo_model,
     }
+    served_bundle = demo_model["bundle"] if demo_model and "bundle" in demo_model else train["bundle"]
     def report() -> dict[str, Any]:
         metrics["timings_s"] = {**runner.timings, "total": round(time.time() - started, 1)}
         runtime.write_json(str(out / "metrics.json"), metrics)
@@ -302,9 +355,51 @@ def run_demo(settings: DemoSettings, fresh: bool = False) -> dict[str, Any]:
         return {"report": str(out / "report.html")}
 
     runner.run("report", str(time.time()), report)  # always rewritten: cheap, and shows this run's timings
-    metrics["serving"] = runner.run("serve", str(time.time()), lambda: step_serve(settings, train["bundle"]))
+    metrics["serving"] = runner.run("serve", str(time.time()), lambda: step_serve(settings, served_bundle))
+    metrics["serving"]["bundle"] = served_bundle
     report()  # again, now with the served images and URLs
     return metrics
+
+
+def ship_demo_model(metrics: dict[str, Any], dest: str, command: str) -> Path:
+    """Copy this run's final bundle to ``dest`` (replacing it) with ``dest.json`` saying how it was made.
+
+    ``make demo-model`` ships its model this way; ``make demo`` then evaluates and serves it beside the
+    live one. The provenance names the command, budgets, machine, commit and this run's own figures.
+    """
+    import platform
+    import subprocess
+
+    from diffae_core.bundle import MANIFEST
+
+    source, target = Path(metrics["bundle"]), Path(dest)
+    files = [*json.loads((source / MANIFEST).read_text())["files"], MANIFEST]  # the manifest last
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in files:
+        shutil.copy2(source / name, staging / name)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    train, settings = metrics["training"], metrics["settings"]
+    about = {
+        "command": command, "date": time.strftime("%Y-%m-%d"), "commit": commit,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
+        "preset": settings["preset"], "data": f"shapes, {settings['images']} images, {settings['holdout']:.0%} held out",
+        "samples_seen": train.get("samples_seen"), "train_seconds": train.get("seconds"),
+        "images_per_second_end": train.get("images_per_second"), "num_workers": train.get("num_workers"),
+        "latent_budget": settings["latent_budget"], "classifier_budget": settings["classifier_budget"],
+        "evaluation": {"test_images": metrics["test_images"], "steps": settings["steps"],
+                       "headline": {k: v["value"] for k, v in metrics["headline"].items()}},
+        "timings_s": metrics.get("timings_s"),
+    }
+    target.with_name(target.name + ".json").write_text(json.dumps(about, indent=2, default=str) + "\n")
+    return target
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -320,6 +415,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.steps, help="DDIM steps in evaluation")
     p.add_argument("--port", type=int, default=d.port, help="HTTP port of the Serve app")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Ray's Prometheus export port")
+    p.add_argument("--demo-model", default=d.demo_model,
+                   help="shipped bundle to evaluate and serve beside the live model ('' = none)")
+    p.add_argument("--ship", metavar="DIR", help="after the run, copy the trained bundle to DIR with DIR.json "
+                                                "(its provenance): how `make demo-model` updates assets/demo-model")
     p.add_argument("--fresh", action="store_true", help="delete the output directory and start over")
     return p
 
@@ -336,7 +435,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         os.environ.setdefault(key, value)
     settings = DemoSettings(out=args.out, preset=args.preset, images=args.images, budget_images=args.budget_images,
                             latent_budget=args.latent_budget, test_images=args.test_images, steps=args.steps,
-                            port=args.port, metrics_port=args.metrics_port)
+                            port=args.port, metrics_port=args.metrics_port, demo_model=args.demo_model)
     try:
         metrics = run_demo(settings, fresh=args.fresh)
     except DemoStepError as exc:
@@ -344,9 +443,15 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         print("Fix the cause and run `make demo` again: finished steps are reused.", file=sys.stderr)
         return 1
     out = Path(settings.out)
+    if args.ship:
+        command = " ".join(["python -m pipelines.demo", *(argv if argv is not None else sys.argv[1:])])
+        print(f"shipped the trained bundle to {ship_demo_model(metrics, args.ship, command)}")
     print(f"\nreport: {(out / 'report.html').resolve()}")
+    shipped = metrics.get("demo_model") or {}
+    print(f"  {'':28s} {'live':>8s}  {'demo model' if 'headline' in shipped else '':>10s}")
     for name, row in metrics["headline"].items():
-        print(f"  {name:28s} {row['value']:.3f}  (target {row['target']})")
+        other = f"{shipped['headline'][name]['value']:10.3f}" if "headline" in shipped else ""
+        print(f"  {name:28s} {row['value']:8.3f}  {other}  (target {row['target']})")
     return 0
 
 

@@ -76,34 +76,76 @@ def _figure(out: Path, name: str, caption: str) -> str:
     return f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}"><figcaption>{caption}</figcaption></figure>'
 
 
-def write_html(out: Path, metrics: dict[str, Any]) -> Path:
-    """Write ``out/report.html`` from the demo's metrics (as in metrics.json) and the figures beside it."""
-    head = metrics["headline"]
-    headline = _table(
-        [(name, row["value"], row["target"], "yes" if row["value"] >= row["target"] else "no")
-         for name, row in head.items()],
-        ("measure", "reached", "target", "met"),
-    )
-    sem = metrics["semantic_reconstruction"]
+def _model_sections(out: Path, folder: str, m: dict[str, Any], who: str) -> str:
+    """Reconstruction, manipulation, interpolation and samples of one model; figures in ``out/folder``."""
+    def fig(name: str, caption: str) -> str:
+        return _figure(out, f"{folder}{name}", f"{caption} ({who})")
+
+    sem = m["semantic_reconstruction"]
     semantic = _table([(a, v) for a, v in sem["agreement"].items()] + [("all four", sem["agreement_all"]),
                                                                         ("chance (all four)", sem["chance_all"])],
                       ("attribute", "agreement with input"))
     manip = _table([(a, r["best_alpha"], r["success"], r["flip_rate"], r["kept"])
-                    for a, r in metrics["manipulation"].items()],
+                    for a, r in m["manipulation"].items()],
                    ("attribute", "best alpha", "success (flip, others kept)", "flip rate", "others kept"))
-    samp = metrics["samples"]
+    samp = m["samples"]
     samples = _table([(a, samp["frequency"][a], samp["data_frequency"][a]) for a in samp["frequency"]],
                      ("attribute", "frequency in samples", "frequency in data"))
-    stoch = metrics["stochastic_reconstruction"]
+    stoch = m["stochastic_reconstruction"]
+    manip_figs = "".join(fig(f"manipulation-{a}.png", f"manipulation of <b>{html.escape(a)}</b>: input, then "
+                             "z_sem moved from -alpha to +alpha, decoded from the image's own x_T")
+                         for a in m["manipulation"])
+    return f"""<h3>Reconstruction</h3>
+<p>Stochastic (DDIM inversion then decoding, {stoch['steps']} steps): PSNR {_fmt(stoch['psnr_db'])} dB,
+SSIM {_fmt(stoch['ssim'])}, all attributes preserved in {_fmt(stoch['oracle_agreement'])} of images.</p>
+{fig("reconstruction.png", "rows: held-out inputs; stochastic reconstructions; semantic reconstructions "
+     "(the input's z_sem with fresh random x_T)")}
+<h4>Semantic reconstruction (z_sem alone)</h4>{semantic}
+<h3>Manipulation</h3>{manip}{manip_figs}
+<h3>Interpolation</h3>{fig("interpolation.png", "each row: z_sem lerped and x_T slerped between two inputs")}
+<h3>Unconditional samples</h3>{samples}
+<p>{samp['no_foreground']} of {samp['samples']} samples have no shape the oracle can find.</p>
+{fig("samples.png", "latent DPM samples of z_sem, decoded from random x_T")}
+"""
+
+
+def write_html(out: Path, metrics: dict[str, Any]) -> Path:
+    """Write ``out/report.html`` from the demo's metrics (as in metrics.json) and the figures beside it.
+
+    The live model's figures are in ``out/``, the shipped demo model's (``metrics["demo_model"]``, if
+    evaluated) in ``out/demo-model/``; every caption names its model.
+    """
+    live = metrics["headline"]
+    shipped = metrics.get("demo_model") or {}
+    has_demo = "headline" in shipped
+
+    def met(row: dict[str, Any]) -> str:
+        return "yes" if row["value"] >= row["target"] else "no"
+
+    headline = _table(
+        [(name, row["target"], row["value"], met(row),
+          *((shipped["headline"][name]["value"], met(shipped["headline"][name])) if has_demo else ()))
+         for name, row in live.items()],
+        ("measure", "target", "live model", "met", *(("demo model", "met") if has_demo else ())),
+    )
     train = metrics["training"]
     cls = metrics.get("classifier") or {}
-    manip_figs = "".join(_figure(out, f"manipulation-{a}.png", f"manipulation of <b>{html.escape(a)}</b>: input, "
-                                 "then z_sem moved from -alpha to +alpha, decoded from the image's own x_T")
-                         for a in metrics["manipulation"])
     served = metrics.get("serving") or {}
     served_figs = "".join(_figure(out, f"served/{name}", f"{html.escape(name)} — answer of the HTTP API")
                           for name in served.get("files", []))
     timings = _table(list((metrics.get("timings_s") or {}).items()), ("step", "seconds"))
+    if has_demo:
+        about = shipped.get("about") or {}
+        how = html.escape(str(about.get("command", "make demo-model")))
+        demo_intro = (f"<p>The shipped demo model <code>{html.escape(str(shipped['bundle']))}</code> was trained by "
+                      f"the same pipeline with a longer budget: <code>{how}</code> "
+                      f"({_fmt(about.get('samples_seen', '?'))} images seen, {_fmt(about.get('train_seconds', '?'))} s "
+                      f"of training on {html.escape(str(about.get('machine', 'an unrecorded machine')))}, "
+                      f"{html.escape(str(about.get('date', '')))}). It is judged on the same held-out images.</p>")
+        demo_part = f"<h2>Demo model (shipped)</h2>{demo_intro}{_model_sections(out, 'demo-model/', shipped, 'demo model')}"
+    else:
+        reason = shipped.get("skipped", "no shipped demo model was found")
+        demo_part = f"<h2>Demo model (shipped)</h2><p>Not evaluated: {html.escape(reason)}.</p>"
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>diffae-ray demo report</title>
 <style>
@@ -113,26 +155,18 @@ th {{ background: #f3f3f3; }} figure {{ margin: 1em 0; }} img {{ image-rendering
 figcaption {{ color: #555; font-size: .9em; }} code {{ background: #f5f5f5; padding: 0 .2em; }}
 </style></head><body>
 <h1>diffae-ray demo</h1>
-<p>A Diff-AE trained on the procedural <code>shapes</code> set by this project's Ray pipeline
-({html.escape(str(train.get('num_workers')))} Ray Train workers, {_fmt(train.get('samples_seen'))} images seen in
-{_fmt(train.get('seconds'))} s, {_fmt(train.get('images_per_second'))} images/s at the end), judged on
-{metrics['test_images']} held-out images by a pixel oracle (not by the model's own classifier).
-Every figure below comes from the bundle <code>{html.escape(str(metrics['bundle']))}</code>.</p>
+<p>A Diff-AE trained on the procedural <code>shapes</code> set by this project's Ray pipeline, judged on
+{metrics['test_images']} held-out images by a pixel oracle (not by the model's own classifier). Two models:
+the <b>live model</b> trained just now ({html.escape(str(train.get('num_workers')))} Ray Train workers,
+{_fmt(train.get('samples_seen'))} images seen in {_fmt(train.get('seconds'))} s, {_fmt(train.get('images_per_second'))}
+images/s at the end; bundle <code>{html.escape(str(metrics['bundle']))}</code>) and, when shipped, the <b>demo
+model</b> that the same pipeline trained with a longer budget. Every caption names the model it shows.</p>
 <h2>Targets</h2>{headline}
-<h2>Reconstruction</h2>
-<p>Stochastic (DDIM inversion then decoding, {stoch['steps']} steps): PSNR {_fmt(stoch['psnr_db'])} dB,
-SSIM {_fmt(stoch['ssim'])}, all attributes preserved in {_fmt(stoch['oracle_agreement'])} of images.</p>
-{_figure(out, "reconstruction.png", "rows: held-out inputs; stochastic reconstructions; semantic reconstructions "
-         "(the input's z_sem with fresh random x_T)")}
-<h3>Semantic reconstruction (z_sem alone)</h3>{semantic}
-<h2>Manipulation</h2>{manip}{manip_figs}
-<h2>Interpolation</h2>{_figure(out, "interpolation.png", "each row: z_sem lerped and x_T slerped between two inputs")}
-<h2>Unconditional samples</h2>{samples}
-<p>{samp['no_foreground']} of {samp['samples']} samples have no shape the oracle can find.</p>
-{_figure(out, "samples.png", "latent DPM samples of z_sem, decoded from random x_T")}
-<h2>Classifier (linear head on z_sem, held-out)</h2><pre>{html.escape(json.dumps(cls, indent=1, default=str)[:3000])}</pre>
+{demo_part}
+<h2>Live model (trained by this run)</h2>{_model_sections(out, '', metrics, 'live model')}
+<h2>Classifier of the live model (linear head on z_sem, held-out)</h2><pre>{html.escape(json.dumps(cls, indent=1, default=str)[:3000])}</pre>
 <h2>Serving</h2>
-<p>{html.escape(served.get('note', 'not run'))}</p>{served_figs}
+<p>Bundle served: <code>{html.escape(str(served.get('bundle', '')))}</code>. {html.escape(served.get('note', 'not run'))}</p>{served_figs}
 <h2>Timings</h2>{timings}
 </body></html>
 """
