@@ -70,7 +70,7 @@ class DemoSettings:
     manipulation_images: int = 64
     sample_images: int = 100
     steps: int = 20  # DDIM steps of inversion and decoding in the evaluation
-    alphas: tuple[float, ...] = (0.4, 0.8)
+    alphas: tuple[float, ...] = (0.5, 1.0, 2.0)  # manipulation strengths tried; the best per attribute is reported
     seed: int = 0
     port: int = 8000
     metrics_port: int = 8080

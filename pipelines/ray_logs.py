@@ -1,4 +1,4 @@
-"""Quiet two kinds of Ray Train log lines that bury the demo's own output (a worker setup hook).
+"""Keep the driver's console readable: quiet two kinds of Ray Train log lines, and keep progress bars tidy.
 
 On a single machine started without the dashboard, Ray Train's placement-group cleaner cannot reach the
 State API and warns about it every second ("Failed to query Ray Train Controller actor state", harmless:
@@ -31,3 +31,33 @@ def quiet_train_logs() -> None:
     """Drop the cleaner's State-API warning and the per-report INFO lines in this process."""
     logging.getLogger(_CLEANER_LOGGER).addFilter(_DropMessages("Failed to query Ray Train Controller actor state"))
     logging.getLogger(_REPORT_LOGGER).addFilter(_DropMessages("Reporting training result"))
+
+
+_closed_bars: set[str] = set()
+
+
+def tolerate_replayed_bar_updates() -> None:
+    """Make this driver ignore progress-bar updates that arrive after their bar was closed.
+
+    Ray forwards a worker's last output lines to the driver twice when the worker finishes (seen with
+    Ray Train: the final "[train] done" line prints twice). For a ``tqdm_ray`` bar the replayed
+    "closed" state opens a fresh bar that is never closed and is redrawn under every later line of
+    the driver. Closed bars are remembered by uuid and their replays dropped. Idempotent.
+    """
+    from ray.experimental import tqdm_ray
+
+    manager = tqdm_ray._BarManager
+    if getattr(manager, "_diffae_tolerant", False):
+        return
+    original = manager._process_state_update_locked
+
+    def process(self, state):  # noqa: ANN001, ANN202 (Ray's private signature)
+        uuid = state.get("uuid")
+        if uuid in _closed_bars:
+            return
+        if state.get("closed"):
+            _closed_bars.add(uuid)
+        original(self, state)
+
+    manager._process_state_update_locked = process
+    manager._diffae_tolerant = True

@@ -106,6 +106,10 @@ def train_autoencoder(job: TrainJobConfig) -> TrainResult:
 
     from .autoencoder_worker import train_worker
     from .data import open_images
+    from .ray_logs import tolerate_replayed_bar_updates
+
+    if job.progress_bar:
+        tolerate_replayed_bar_updates()  # rank 0's bar is drawn here, on the driver
 
     job = dataclasses.replace(job, name=job.name or runtime.default_run_name("autoencoder"),
                               storage=storage.absolute(job.storage), data=storage.absolute(job.data),

@@ -136,3 +136,23 @@ def test_worker_setup_hook_drops_only_the_two_noisy_train_lines(caplog):
         cleaner.warning("Failed to remove placement group abc")
         report.error("worker 1 died")
     assert [r.getMessage() for r in caplog.records] == ["Failed to remove placement group abc", "worker 1 died"]
+
+
+def test_a_replayed_close_does_not_reopen_a_progress_bar():
+    from ray.experimental import tqdm_ray
+
+    from pipelines.ray_logs import tolerate_replayed_bar_updates
+
+    tolerate_replayed_bar_updates()
+    tolerate_replayed_bar_updates()  # idempotent
+    manager = tqdm_ray._BarManager()
+    state = {"__magic_token__": tqdm_ray.RAY_TQDM_MAGIC, "x": 0, "pos": 0, "desc": "train", "total": 10,
+             "unit": "img", "ip": "10.0.0.9", "pid": 4242, "uuid": "bar-1", "closed": False}
+    manager.process_state_update(dict(state))
+    group = manager.bar_groups[("10.0.0.9", 4242)]
+    assert group.has_bar("bar-1")
+    manager.process_state_update({**state, "x": 10, "closed": True})
+    assert not group.has_bar("bar-1")
+    manager.process_state_update({**state, "x": 10, "closed": True})  # the worker's last lines, replayed
+    manager.process_state_update({**state, "x": 10})
+    assert not group.has_bar("bar-1")
