@@ -115,7 +115,8 @@ def test_v_and_eps_prediction_share_one_sampler(prediction):
 
 def test_prediction_defaults_to_the_official_eps_and_rejects_typos():
     assert DiffusionConfig().prediction == "eps"
-    assert all(p.diffusion.prediction == "eps" for name, p in PRESETS.items() if name != "demo16")
+    assert all(p.diffusion.prediction == p.latent_diffusion.prediction == "eps"
+               for name, p in PRESETS.items() if name != "demo16")
     with pytest.raises(ValueError, match="prediction"):
         GaussianDiffusion(DiffusionConfig(prediction="x0"))
     legacy = get_preset("tiny32").to_dict()
