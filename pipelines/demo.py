@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -146,6 +147,10 @@ def _start_ray(settings: DemoSettings) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def _digest(config: dict[str, Any], *parts: str) -> str:
+    return hashlib.sha1(json.dumps({p: config[p] for p in parts}, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _model_config(settings: DemoSettings):
     cfg = get_preset(settings.preset)  # an unknown name is an error that lists the presets
     cfg.train = dataclasses.replace(cfg.train, total_samples=settings.budget_images, seed=settings.seed)
@@ -179,6 +184,9 @@ def step_train(settings: DemoSettings, data: str) -> dict[str, Any]:
                 export_bundle(str(run_dir), str(bundle))
             return {**summary, "bundle": str(bundle), "run_dir": str(run_dir)}
     cfg = _model_config(settings)
+    saved = run_dir / "config.json"
+    if saved.exists() and not _same_recipe(json.loads(saved.read_text())["config"]["model"], cfg.to_dict()):
+        shutil.rmtree(run_dir)  # an earlier run of another recipe: start over instead of resuming it
     job = TrainJobConfig(
         data=data, storage=storage, name=name, model=cfg, num_workers=settings.num_workers,
         cpus_per_worker=1.0, holdout=settings.holdout, checkpoint_every=max(cfg.train.batch_size, settings.budget_images // 6),
@@ -187,6 +195,15 @@ def step_train(settings: DemoSettings, data: str) -> dict[str, Any]:
     )
     result = train_autoencoder(job)
     return {"bundle": result.bundle, "run_dir": result.run_dir, **result.summary}
+
+
+def _same_recipe(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Same autoencoder recipe, whatever the budget (a bigger --budget-images continues the run)."""
+    def strip(c: dict[str, Any]) -> dict[str, Any]:
+        return {k: ({**v, "total_samples": None} if k == "train" else v) for k, v in c.items()
+                if k in ("unet", "encoder", "diffusion", "train")}
+
+    return strip(saved) == strip(json.loads(json.dumps(current)))  # tuples read back as lists
 
 
 def step_latents(settings: DemoSettings, data: str, bundle: str) -> dict[str, Any]:
@@ -205,6 +222,7 @@ def step_latent_dpm(settings: DemoSettings, bundle: str, latents: str) -> dict[s
 
     cfg = _model_config(settings)
     recipe = dataclasses.replace(cfg.latent_train, total_samples=settings.latent_budget, seed=settings.seed)
+    shutil.rmtree(Path(settings.out) / "runs" / "latent", ignore_errors=True)  # never resume another recipe's run
     job = LatentTrainJob(bundle=bundle, latents=latents, storage=str(Path(settings.out) / "runs"), name="latent",
                          train=recipe, num_workers=1, log_every=200)
     result = train_latent(job)
@@ -218,6 +236,7 @@ def step_classifier(settings: DemoSettings, bundle: str, latents: str) -> dict[s
     # The official 300k-sample budget is for 30k CelebA-HQ latents; 4 attributes of a few thousand
     # latents converge long before that (the loss plateaus by ~60k samples).
     recipe = dataclasses.replace(CLASSIFIER_RECIPE, total_samples=settings.classifier_budget, seed=settings.seed)
+    shutil.rmtree(Path(settings.out) / "runs" / "classifier", ignore_errors=True)
     job = ClassifierJob(bundle=bundle, latents=latents, storage=str(Path(settings.out) / "runs"), name="classifier",
                         train=recipe)
     result = train_classifier(job)
@@ -318,10 +337,15 @@ def run_demo(settings: DemoSettings, fresh: bool = False) -> dict[str, Any]:
 
     data = runner.run("data", settings.fingerprint("images", "holdout", "seed", "preset"),
                       lambda: step_data(settings, image_size))
-    key = settings.fingerprint("images", "holdout", "seed", "preset", "budget_images", "num_workers")
+    # the resolved recipes, not only the preset's name: a changed recipe must not reuse a model trained with
+    # the old one (the autoencoder's and the latent DPM's parts separately)
+    cfg = _model_config(settings).to_dict()
+    key = _digest(cfg, "unet", "encoder", "diffusion", "train") + settings.fingerprint(
+        "images", "holdout", "seed", "preset", "budget_images", "num_workers")
     train = runner.run("train", key, lambda: step_train(settings, data["data"]))
     latents = runner.run("latents", key, lambda: step_latents(settings, data["data"], train["bundle"]))
-    key += settings.fingerprint("latent_budget", "classifier_budget")
+    key += _digest(cfg, "latent", "latent_diffusion", "latent_train") + settings.fingerprint("latent_budget",
+                                                                                             "classifier_budget")
     latent = runner.run("latent-dpm", key, lambda: step_latent_dpm(settings, train["bundle"], latents["latents"]))
     classifier = runner.run("classifier", key, lambda: step_classifier(settings, train["bundle"], latents["latents"]))
     key += settings.fingerprint("test_images", "manipulation_images", "sample_images", "steps", "alphas")
@@ -444,7 +468,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return 1
     out = Path(settings.out)
     if args.ship:
-        command = " ".join(["python -m pipelines.demo", *(argv if argv is not None else sys.argv[1:])])
+        command = shlex.join(["python", "-m", "pipelines.demo", *(argv if argv is not None else sys.argv[1:])])
         print(f"shipped the trained bundle to {ship_demo_model(metrics, args.ship, command)}")
     print(f"\nreport: {(out / 'report.html').resolve()}")
     shipped = metrics.get("demo_model") or {}

@@ -14,7 +14,14 @@ import logging
 
 SETUP_HOOK = "pipelines.ray_logs.quiet_train_logs"
 _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-_REPORT_LOGGER = "ray.train.v2._internal.execution.context"
+
+def _report_logger_name() -> str:
+    """Ray Train names this module's logger by its file path (``logging.getLogger(__file__)``)."""
+    import os
+
+    import ray
+
+    return os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
 
 
 class _DropMessages(logging.Filter):
@@ -30,7 +37,7 @@ class _DropMessages(logging.Filter):
 def quiet_train_logs() -> None:
     """Drop the cleaner's State-API warning and the per-report INFO lines in this process."""
     logging.getLogger(_CLEANER_LOGGER).addFilter(_DropMessages("Failed to query Ray Train Controller actor state"))
-    logging.getLogger(_REPORT_LOGGER).addFilter(_DropMessages("Reporting training result"))
+    logging.getLogger(_report_logger_name()).addFilter(_DropMessages("Reporting training result"))
 
 
 _closed_bars: set[str] = set()

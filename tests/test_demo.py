@@ -129,7 +129,9 @@ def test_worker_setup_hook_drops_only_the_two_noisy_train_lines(caplog):
     from pipelines import ray_logs
 
     ray_logs.quiet_train_logs()
-    cleaner, report = logging.getLogger(ray_logs._CLEANER_LOGGER), logging.getLogger(ray_logs._REPORT_LOGGER)
+    from ray.train.v2._internal.execution import context  # the module whose per-report line is dropped
+
+    cleaner, report = logging.getLogger(ray_logs._CLEANER_LOGGER), context.logger
     with caplog.at_level(logging.INFO):
         cleaner.warning("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable.")
         report.info("Reporting training result 7: TrainingReport(checkpoint=None)")
@@ -156,3 +158,13 @@ def test_a_replayed_close_does_not_reopen_a_progress_bar():
     manager.process_state_update({**state, "x": 10, "closed": True})  # the worker's last lines, replayed
     manager.process_state_update({**state, "x": 10})
     assert not group.has_bar("bar-1")
+
+
+def test_a_changed_recipe_is_not_resumed_but_a_bigger_budget_is():
+    base = demo._model_config(demo.DemoSettings(budget_images=14_080)).to_dict()
+    saved = json.loads(json.dumps(base))  # as read back from the run's config.json
+    assert demo._same_recipe(saved, demo._model_config(demo.DemoSettings(budget_images=28_160)).to_dict())
+    assert not demo._same_recipe(saved, demo._model_config(demo.DemoSettings(preset="tiny32")).to_dict())
+    changed = get_preset("demo16")
+    changed.diffusion.prediction = "eps"
+    assert not demo._same_recipe(saved, changed.to_dict())
