@@ -84,6 +84,10 @@ def demo_figures() -> str:
         f"- demo total wall time: {m.get('timings_s', {}).get('total')} s (steps: "
         + ", ".join(f"{k} {v} s" for k, v in m.get("timings_s", {}).items() if k != "total") + ")",
     ]
+    for label, source in (("live model", m), ("shipped demo model", m.get("demo_model") or {})):
+        if "headline" in source:
+            lines.append(f"- {label}, judged by the oracle: " + ", ".join(
+                f"{name} {row['value']:.3f} (target {row['target']})" for name, row in source["headline"].items()))
     return "\n".join(lines)
 
 
