@@ -293,7 +293,7 @@ def demo_model_info(path: str, image_size: int) -> dict[str, Any] | None:
         return None
     about_file = bundle.parent / f"{bundle.name}.json"
     about = json.loads(about_file.read_text()) if about_file.exists() else {}
-    size = DiffAE.load(str(bundle)).config.image_size
+    size = runtime.bundle_config(str(bundle)).image_size  # the config only, not the weights
     if size != image_size:
         return {"skipped": f"the demo model is {size} px, this demo's images are {image_size} px"}
     digest = hashlib.sha1(manifest.read_bytes()).hexdigest()[:12]
