@@ -6,9 +6,10 @@
     latent.safetensors        optional: net.* (latent MLP) + z_mean, z_std (the stats it was trained with)
     classifier.safetensors    optional: weight, bias, z_mean, z_std (the classifier's own stats)
 
-The manifest is written last, so a bundle whose upload broke off has none and is refused. Loading
-verifies every file's size and sha256 and every tensor's shape, naming the file on any mismatch.
-Nothing is unpickled.
+The manifest is written last, so a bundle whose upload broke off has none and is refused. Reading
+verifies every file's size and sha256, naming the file on any mismatch. Nothing is unpickled. This
+module turns files into :class:`~diffae_core.weights.ModelWeights` and back; ``DiffAE.load`` /
+``DiffAE.save`` build and take the networks.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Collection
 
 import torch
 from safetensors import SafetensorError
@@ -26,9 +26,7 @@ from safetensors.torch import save as st_save
 
 from . import storage
 from .config import ModelConfig
-
-if TYPE_CHECKING:
-    from .model import DiffAE
+from .weights import ClassifierWeights, LatentWeights, ModelWeights, StateDict, WeightsMismatch
 
 FORMAT_NAME = "diffae-ray-bundle"
 FORMAT_VERSION = 1
@@ -37,6 +35,9 @@ CONFIG = "config.json"
 AUTOENCODER = "autoencoder.safetensors"
 LATENT = "latent.safetensors"
 CLASSIFIER = "classifier.safetensors"
+# Which file holds each network a reader can ask for on its own (a serving replica loads one part).
+PART_FILES = {"encoder": AUTOENCODER, "unet": AUTOENCODER, "latent": LATENT, "classifier": CLASSIFIER}
+CLASSIFIER_KEYS = ("weight", "bias", "z_mean", "z_std")
 
 
 class BundleError(RuntimeError):
@@ -47,59 +48,61 @@ def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
-def bundle_files(model: DiffAE) -> dict[str, bytes]:
+def _prefixed(prefix: str, state: StateDict) -> StateDict:
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def _unprefixed(prefix: str, state: StateDict) -> StateDict:
+    cut = len(prefix) + 1
+    return {k[cut:]: v for k, v in state.items() if k.startswith(f"{prefix}.")}
+
+
+def bundle_files(weights: ModelWeights) -> dict[str, bytes]:
     """The serialised files of a bundle (without the manifest)."""
+    if weights.encoder is None or weights.unet is None:
+        raise ValueError("a bundle needs the whole autoencoder (encoder and UNet); this model has only part of it")
     files = {
-        CONFIG: json.dumps(model.config.to_dict(), indent=2).encode(),
-        AUTOENCODER: st_save(_tensors({
-            **{f"encoder.{k}": v for k, v in model.encoder.state_dict().items()},
-            **{f"unet.{k}": v for k, v in model.unet.state_dict().items()},
-        })),
+        CONFIG: json.dumps(weights.config.to_dict(), indent=2).encode(),
+        AUTOENCODER: st_save(_tensors({**_prefixed("encoder", weights.encoder), **_prefixed("unet", weights.unet)})),
     }
-    if model.latent_net is not None:
-        files[LATENT] = st_save(_tensors({
-            **{f"net.{k}": v for k, v in model.latent_net.state_dict().items()},
-            "z_mean": model.latent_mean, "z_std": model.latent_std,
-        }))
-    if model.classifier is not None:
-        head = model.classifier
-        files[CLASSIFIER] = st_save(_tensors({
-            "weight": head.linear.weight, "bias": head.linear.bias, "z_mean": head.z_mean, "z_std": head.z_std,
-        }))
+    if weights.latent is not None:
+        lat = weights.latent
+        files[LATENT] = st_save(_tensors({**_prefixed("net", lat.state), "z_mean": lat.mean, "z_std": lat.std}))
+    if weights.classifier is not None:
+        head = weights.classifier
+        files[CLASSIFIER] = st_save(_tensors({k: getattr(head, k) for k in CLASSIFIER_KEYS}))
     return files
 
 
-def save_bundle(model: DiffAE, uri: str, endpoint: str | None = None) -> None:
-    """Write ``model`` to a bundle directory at ``uri`` (path, file:// or s3://bucket/prefix)."""
-    fs, root = storage.resolve(uri, endpoint)
-    files = bundle_files(model)
+def write_bundle(uri: str, weights: ModelWeights, endpoint: str | None = None) -> None:
+    """Write ``weights`` as a bundle directory at ``uri`` (path, file:// or s3://bucket/prefix)."""
+    files = bundle_files(weights)
     for name, data in files.items():
-        storage.write_bytes(fs, storage.join(root, name), data)
+        storage.write_bytes(storage.join(uri, name), data, endpoint)
+    config = weights.config
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "preset": model.config.name,
-        "image_size": model.config.image_size,
-        "z_dim": model.config.z_dim,
-        "attributes": list(model.config.attributes or []),
+        "preset": config.name,
+        "image_size": config.image_size,
+        "z_dim": config.z_dim,
+        "attributes": list(config.attributes or []),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": {
-            name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in files.items()
-        },
+        "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in files.items()},
     }
-    storage.write_bytes(fs, storage.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
+    storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(manifest, indent=2).encode(), endpoint)
 
 
 def read_manifest(uri: str, endpoint: str | None = None) -> dict:
-    fs, root = storage.resolve(uri, endpoint)
-    path = storage.join(root, MANIFEST)
-    if not storage.exists(fs, path):
+    """A bundle's manifest.json, checked for our format name and a version this code understands."""
+    path = storage.join(uri, MANIFEST)
+    if not storage.exists(path, endpoint):
         raise BundleError(
             f"{uri}: no {MANIFEST} — not a diffae-ray bundle, or its upload did not finish "
             "(the manifest is written last). Save it again with DiffAE.save / `diffae export`."
         )
     try:
-        manifest = json.loads(storage.read_bytes(fs, path))
+        manifest = json.loads(storage.read_bytes(path, endpoint))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{uri}/{MANIFEST} is not valid JSON ({exc}); the bundle is corrupted") from None
     if manifest.get("format") != FORMAT_NAME:
@@ -112,15 +115,21 @@ def read_manifest(uri: str, endpoint: str | None = None) -> dict:
     return manifest
 
 
-def _read_verified(fs, root: str, uri: str, name: str, entry: dict) -> bytes:
-    path = storage.join(root, name)
-    if not storage.exists(fs, path):
+def read_config(uri: str, endpoint: str | None = None) -> ModelConfig:
+    """A bundle's ModelConfig, checked against the manifest, without reading any weights."""
+    entries = read_manifest(uri, endpoint)["files"]
+    if CONFIG not in entries:
+        raise BundleError(f"{uri}/{MANIFEST} lists no {CONFIG}; the bundle is incomplete")
+    return _parse_config(_read_verified(uri, CONFIG, entries[CONFIG], endpoint), uri)
+
+
+def _read_verified(uri: str, name: str, entry: dict, endpoint: str | None) -> bytes:
+    path = storage.join(uri, name)
+    if not storage.exists(path, endpoint):
         raise BundleError(f"{uri}/{name} is listed in the manifest but missing")
-    data = storage.read_bytes(fs, path)
+    data = storage.read_bytes(path, endpoint)
     if len(data) != entry["bytes"]:
-        raise BundleError(
-            f"{uri}/{name} is truncated or corrupted: {len(data)} bytes, the manifest says {entry['bytes']}"
-        )
+        raise BundleError(f"{uri}/{name} is truncated or corrupted: {len(data)} bytes, the manifest says {entry['bytes']}")
     digest = hashlib.sha256(data).hexdigest()
     if digest != entry["sha256"]:
         raise BundleError(f"{uri}/{name} is corrupted: sha256 {digest} does not match the manifest's {entry['sha256']}")
@@ -134,13 +143,6 @@ def _load_tensors(data: bytes, uri: str, name: str) -> dict[str, torch.Tensor]:
         raise BundleError(f"{uri}/{name} is not a readable safetensors file: {exc}") from None
 
 
-def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], uri: str, name: str) -> None:
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise BundleError(f"{uri}/{name} does not match config.json: {exc}") from None
-
-
 def _parse_config(data: bytes, uri: str) -> ModelConfig:
     try:
         return ModelConfig.from_dict(json.loads(data))
@@ -148,100 +150,58 @@ def _parse_config(data: bytes, uri: str) -> ModelConfig:
         raise BundleError(f"{uri}/{CONFIG} is not a valid model config: {exc}") from None
 
 
-def load_bundle(uri: str, device: str | torch.device = "cpu", endpoint: str | None = None) -> DiffAE:
-    """Load a bundle written by :func:`save_bundle`, verifying checksums and shapes."""
-    from .model import DiffAE
-
-    manifest = read_manifest(uri, endpoint)
-    fs, root = storage.resolve(uri, endpoint)
-    entries = manifest["files"]
-    for required in (CONFIG, AUTOENCODER):
-        if required not in entries:
-            raise BundleError(f"{uri}/{MANIFEST} lists no {required}; the bundle is incomplete")
-    blobs = {name: _read_verified(fs, root, uri, name, entry) for name, entry in entries.items()}
-    config = _parse_config(blobs[CONFIG], uri)
-
-    model = DiffAE(config)
-    auto = _load_tensors(blobs[AUTOENCODER], uri, AUTOENCODER)
-    _load_into(model.encoder, {k[8:]: v for k, v in auto.items() if k.startswith("encoder.")}, uri, AUTOENCODER)
-    _load_into(model.unet, {k[5:]: v for k, v in auto.items() if k.startswith("unet.")}, uri, AUTOENCODER)
-    if LATENT in blobs:
-        lat = _load_tensors(blobs[LATENT], uri, LATENT)
-        from .latent import LatentMLP
-
-        if config.latent is None:
-            raise BundleError(f"{uri}: has {LATENT} but config.json has no latent section")
-        net = LatentMLP(config.latent)
-        _load_into(net, {k[4:]: v for k, v in lat.items() if k.startswith("net.")}, uri, LATENT)
-        model.attach_latent(net, lat["z_mean"], lat["z_std"])
-    if CLASSIFIER in blobs:
-        cls = _load_tensors(blobs[CLASSIFIER], uri, CLASSIFIER)
-        missing = {"weight", "bias", "z_mean", "z_std"} - set(cls)
-        if missing:
-            raise BundleError(f"{uri}/{CLASSIFIER} lacks {sorted(missing)}")
-        attributes = config.attributes or tuple(f"attr_{i}" for i in range(cls["weight"].shape[0]))
-        model.attach_classifier(cls["weight"], cls["bias"], cls["z_mean"], cls["z_std"], attributes)
-    return model.to(device)
+def _latent(tensors: StateDict, config: ModelConfig, uri: str) -> LatentWeights:
+    if config.latent is None:
+        raise BundleError(f"{uri}: has {LATENT} but config.json has no latent section")
+    return LatentWeights(_unprefixed("net", tensors), tensors["z_mean"].reshape(-1), tensors["z_std"].reshape(-1))
 
 
-# Which file holds each network a caller can load on its own with load_part.
-PART_FILES = {"encoder": AUTOENCODER, "unet": AUTOENCODER, "latent": LATENT, "classifier": CLASSIFIER}
+def _classifier(tensors: StateDict, config: ModelConfig, uri: str) -> ClassifierWeights:
+    missing = set(CLASSIFIER_KEYS) - set(tensors)
+    if missing:
+        raise BundleError(f"{uri}/{CLASSIFIER} lacks {sorted(missing)}")
+    names = config.attributes or tuple(f"attr_{i}" for i in range(tensors["weight"].shape[0]))
+    return ClassifierWeights(tensors["weight"], tensors["bias"], tensors["z_mean"].reshape(-1),
+                             tensors["z_std"].reshape(-1), tuple(names))
 
 
-@dataclass
-class BundlePart:
-    """One network of a bundle. ``stats`` holds the latent net's z_mean / z_std [Z] (empty otherwise;
-    the classifier keeps its own statistics as buffers)."""
+def read_bundle(uri: str, endpoint: str | None = None, parts: Collection[str] | None = None) -> ModelWeights:
+    """The weights of a bundle, every file verified against the manifest.
 
-    config: ModelConfig
-    module: torch.nn.Module
-    stats: dict[str, torch.Tensor]
-
-
-def load_part(uri: str, part: str, device: str | torch.device = "cpu", endpoint: str | None = None) -> BundlePart:
-    """Load one network (``encoder``, ``unet``, ``latent`` or ``classifier``) without building the rest.
-
-    Reads and verifies only config.json and the file that holds the part, so a serving replica that
-    needs the encoder never allocates the UNet. Raises BundleError if the bundle has no such part.
+    parts: None for every network the bundle has; otherwise a subset of ``PART_FILES`` (only their files
+    are read, so a replica that needs the encoder never reads the latent net). A part the bundle lacks is
+    a BundleError saying so.
     """
-    if part not in PART_FILES:
-        raise ValueError(f"unknown bundle part {part!r}; choose one of {sorted(PART_FILES)}")
-    manifest = read_manifest(uri, endpoint)
-    fs, root = storage.resolve(uri, endpoint)
-    entries, name = manifest["files"], PART_FILES[part]
-    for required in (CONFIG, name):
+    unknown = set(parts or ()) - set(PART_FILES)
+    if unknown:
+        raise ValueError(f"unknown bundle part(s) {sorted(unknown)}; choose from {sorted(PART_FILES)}")
+    entries = read_manifest(uri, endpoint)["files"]
+    if parts is None:
+        parts = [p for p, name in PART_FILES.items() if name in entries]
+    for required in (CONFIG, *(PART_FILES[p] for p in parts)):
         if required not in entries:
-            raise BundleError(f"{uri}/{MANIFEST} lists no {required}: this bundle has no {part}")
-    config = _parse_config(_read_verified(fs, root, uri, CONFIG, entries[CONFIG]), uri)
-    tensors = _load_tensors(_read_verified(fs, root, uri, name, entries[name]), uri, name)
-    stats: dict[str, torch.Tensor] = {}
-    if part == "encoder":
-        from .encoder import SemanticEncoder
+            what = [p for p in parts if PART_FILES[p] == required] or ["a config"]
+            raise BundleError(f"{uri}/{MANIFEST} lists no {required}: this bundle has no {what[0]}")
+    config = _parse_config(_read_verified(uri, CONFIG, entries[CONFIG], endpoint), uri)
+    files = {name: _load_tensors(_read_verified(uri, name, entries[name], endpoint), uri, name)
+             for name in {PART_FILES[p] for p in parts}}
+    weights = ModelWeights(config)
+    if "encoder" in parts:
+        weights.encoder = _unprefixed("encoder", files[AUTOENCODER])
+    if "unet" in parts:
+        weights.unet = _unprefixed("unet", files[AUTOENCODER])
+    if "latent" in parts:
+        weights.latent = _latent(files[LATENT], config, uri)
+    if "classifier" in parts:
+        weights.classifier = _classifier(files[CLASSIFIER], config, uri)
+    return weights
 
-        module: torch.nn.Module = SemanticEncoder(config.unet, config.encoder)
-        _load_into(module, {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}, uri, name)
-    elif part == "unet":
-        from .unet import ConditionalUNet
 
-        module = ConditionalUNet(config.unet)
-        _load_into(module, {k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, uri, name)
-    elif part == "latent":
-        from .latent import LatentMLP
+def mismatch_error(uri: str, exc: WeightsMismatch) -> BundleError:
+    """The BundleError for weights that do not fit the bundle's own config, naming the file."""
+    return BundleError(f"{uri}/{PART_FILES[exc.part]} does not match config.json: {exc}")
 
-        if config.latent is None:
-            raise BundleError(f"{uri}: has {LATENT} but config.json has no latent section")
-        module = LatentMLP(config.latent)
-        _load_into(module, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, uri, name)
-        stats = {"z_mean": tensors["z_mean"].reshape(-1).to(device), "z_std": tensors["z_std"].reshape(-1).to(device)}
-    else:
-        from .classifier import AttributeClassifier
 
-        missing = {"weight", "bias", "z_mean", "z_std"} - set(tensors)
-        if missing:
-            raise BundleError(f"{uri}/{CLASSIFIER} lacks {sorted(missing)}")
-        module = AttributeClassifier(tensors["weight"].shape[1], tensors["weight"].shape[0])
-        _load_into(module, {"linear.weight": tensors["weight"], "linear.bias": tensors["bias"],
-                            "z_mean": tensors["z_mean"].reshape(-1), "z_std": tensors["z_std"].reshape(-1)}, uri, name)
-        if config.attributes is None:
-            config.attributes = tuple(f"attr_{i}" for i in range(tensors["weight"].shape[0]))
-    return BundlePart(config=config, module=module.to(device).eval(), stats=stats)
+def autoencoder_sha256(uri: str, endpoint: str | None = None) -> str:
+    """The sha256 of a bundle's autoencoder weights: identifies which encoder produced a set of latents."""
+    return read_manifest(uri, endpoint)["files"][AUTOENCODER]["sha256"]

@@ -147,13 +147,15 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from ``to_dict`` output; unknown keys are an error (a typo must not pass silently)."""
-        return _from_dict(cls, data)
+        return from_dict(cls, data)
 
     def replace(self, **overrides: Any) -> ModelConfig:
         return dataclasses.replace(self, **overrides)
 
 
-def _from_dict(cls: type, data: Any) -> Any:
+def from_dict(cls: type, data: Any) -> Any:
+    """A config dataclass ``cls`` from a mapping (JSON/YAML): nested sections become their dataclasses, lists
+    become tuples, and an unknown key is an error naming the known ones (a typo must not pass silently)."""
     if not isinstance(data, dict):
         raise TypeError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -164,12 +166,21 @@ def _from_dict(cls: type, data: Any) -> Any:
     for name, value in data.items():
         sub = _NESTED.get((cls, name))
         if sub is not None and value is not None:
-            kwargs[name] = _from_dict(sub, value)
+            kwargs[name] = from_dict(sub, value)
         elif isinstance(value, list):
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
     return cls(**kwargs)
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` laid over it: nested mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge(out[key], value) if nested else value
+    return out
 
 
 _NESTED: dict[tuple[type, str], type] = {

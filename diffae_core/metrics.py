@@ -286,21 +286,64 @@ def _to_uint8(images01: Tensor) -> Tensor:
     return (images01 * 255 + 0.5).clamp(0, 255).to(torch.uint8)
 
 
+class FIDFeatures(nn.Module):
+    """FID's feature extractor: float images [B,3,H,W] in [0,1] -> features [B,D] float64.
+
+    Images are quantised to 8 bits first, like the PNG round trip of the official protocol (pytorch_fid
+    0.2.0, pool3, 2048-D). The default network is torch-fidelity's port of the TF Inception weights (via
+    torchmetrics), so numbers are comparable to, not bit-identical with, the published ones.
+
+    :param feature: optional custom network (tests, weight-free stand-ins): float [B,3,H,W] images in [0,1]
+        (already 8-bit quantised) -> [B,D]; give it a ``num_features`` attribute or it is probed once.
+    :param weights: path to ``weights-inception-2015-12-05-6726825d.pth`` when ``feature`` is None; default
+        ``$DIFFAE_FID_WEIGHTS`` then ``$TORCH_HOME/hub/checkpoints``.
+    :raises MissingWeightsError: ``feature`` is None and the Inception weights are not on this machine.
+    """
+
+    def __init__(self, feature: nn.Module | None = None, weights: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        self.uint8_input = feature is None
+        if feature is None:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+
+            path = resolve_weights(FID_INCEPTION_WEIGHTS, FID_WEIGHTS_ENV, weights)
+            feature = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                         feature_extractor_weights_path=str(path))
+            self.num_features = 2048
+        else:
+            self.num_features = int(getattr(feature, "num_features", 0)) or int(feature(torch.rand(1, 3, 64, 64)).shape[-1])
+        self.net = feature
+
+    @torch.no_grad()
+    def forward(self, images01: Tensor) -> Tensor:
+        _check_images(images01, "images01", channels=3)
+        images = _to_uint8(images01)
+        return self.net(images if self.uint8_input else images.float() / 255).double()
+
+
+class _Given(nn.Module):
+    """Features computed elsewhere pass through unchanged (the state keeper below sees only features)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
 class FIDMetric:
     """Streaming Fréchet Inception Distance between a set of real and a set of generated images.
 
-    Wraps torchmetrics' ``FrechetInceptionDistance`` (float64 running sums; under torch.distributed the states
-    are summed across ranks). Images are quantised to 8 bits first, like the PNG round trip of the official
-    protocol (pytorch_fid 0.2.0, pool3, 2048-D). The default extractor is torch-fidelity's port of the same
-    TF Inception weights, so numbers are comparable to, not bit-identical with, the published ones.
+    The running sums live in torchmetrics' ``FrechetInceptionDistance`` states (float64; summed across
+    ranks under torch.distributed). Features come from :class:`FIDFeatures`, here (:meth:`update`) or
+    elsewhere: Ray Data workers compute them where the images are and the driver adds them with
+    :meth:`update_features`, so every FID number comes from this one path. The distance itself is
+    :func:`frechet_distance` of the states' mean and covariance (stable for fewer images than features).
 
-    :param feature: optional custom extractor (tests): a module mapping float [B,3,H,W] images in [0,1]
-        (already 8-bit quantised) to [B,D] features; give it a ``num_features`` attribute, or torchmetrics
-        probes it once with a [1,3,299,299] image on the CPU.
-    :param weights: path to ``weights-inception-2015-12-05-6726825d.pth`` when ``feature`` is None; default
-        ``$DIFFAE_FID_WEIGHTS`` then ``$TORCH_HOME/hub/checkpoints``.
-    :param device: where features are computed.
-    :raises MissingWeightsError: ``feature`` is None and the Inception weights are not on this machine.
+    :param feature, weights: see :class:`FIDFeatures`.
+    :param device: where features and sums are computed.
+    :param num_features: build a metric that only takes features (no extractor, no weights needed).
     """
 
     def __init__(
@@ -308,38 +351,38 @@ class FIDMetric:
         feature: nn.Module | None = None,
         weights: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
+        num_features: int | None = None,
     ) -> None:
-        if feature is None:
-            path = resolve_weights(FID_INCEPTION_WEIGHTS, FID_WEIGHTS_ENV, weights)
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        self._custom = feature is not None
-        if self._custom:
-            # normalize=True makes torchmetrics pass our float [0,1] images to the module untouched.
-            self._fid = FrechetInceptionDistance(feature=feature, normalize=True)
-        else:
-            self._fid = FrechetInceptionDistance(
-                feature=2048, feature_extractor_weights_path=str(path), normalize=False
-            )
         self._device = torch.device(device)
-        self._fid.to(self._device)
+        self.features = None if num_features is not None else FIDFeatures(feature, weights).to(self._device)
+        dim = num_features if num_features is not None else self.features.num_features
+        self._fid = FrechetInceptionDistance(feature=_Given(dim), normalize=False).to(self._device)
 
     @torch.no_grad()
     def update(self, images01: Tensor, real: bool) -> None:
-        """Add a batch of images to the real or the generated set.
+        """Add a batch of images [B,3,H,W] in [0,1] (any H,W) to the real or the generated set."""
+        if self.features is None:
+            raise RuntimeError("this FIDMetric takes features only (num_features=...): use update_features")
+        self.update_features(self.features(images01.to(self._device)), real)
 
-        :param images01: [B,3,H,W] float images in [0,1] (clamped); any H,W (Inception resizes to 299).
-        :param real: True for reference images, False for generated ones.
-        """
-        _check_images(images01, "images01", channels=3)
-        images = _to_uint8(images01.to(self._device))
-        if self._custom:
-            images = images.float() / 255
-        self._fid.update(images, real=real)
+    def update_features(self, features: Tensor, real: bool) -> None:
+        """Add features [B,D] computed by :class:`FIDFeatures` (possibly on other workers) to one set."""
+        self._fid.update(features.to(self._device, torch.float64), real=real)
+
+    def _mean_cov(self, real: bool) -> tuple[Tensor, Tensor]:
+        side = "real" if real else "fake"
+        n = int(getattr(self._fid, f"{side}_features_num_samples"))
+        if n < 2:
+            raise ValueError(f"FID needs at least 2 images per set, got {n} {side}")
+        total, cov_sum = getattr(self._fid, f"{side}_features_sum"), getattr(self._fid, f"{side}_features_cov_sum")
+        mean = total / n
+        return mean, (cov_sum - n * torch.outer(mean, mean)) / (n - 1)
 
     def compute(self) -> float:
         """FID between everything added so far (needs at least 2 images on each side)."""
-        return float(self._fid.compute())
+        return frechet_distance(*self._mean_cov(True), *self._mean_cov(False))
 
     def reset(self) -> None:
         """Forget both sets."""

@@ -9,18 +9,24 @@ unless ``inference_dtype`` is set to torch.bfloat16 / torch.float16 (autocast).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .bundle import mismatch_error as bundle_mismatch
+from .bundle import read_bundle, write_bundle
 from .classifier import AttributeClassifier, resolve_attribute
 from .config import ModelConfig, get_preset
 from .diffusion import GaussianDiffusion
 from .encoder import SemanticEncoder
 from .latent import LatentMLP
+from .official_format import mismatch_error as official_mismatch
+from .official_format import read_official
 from .unet import ConditionalUNet
+from .weights import ClassifierWeights, LatentWeights, ModelWeights, WeightsMismatch, load_checked
 
 NO_LATENT_NET = (
     "this model has no latent DPM, so it cannot sample unconditionally: train one with "
@@ -32,14 +38,24 @@ NO_CLASSIFIER = (
 )
 
 
-class DiffAE(nn.Module):
-    """A Diffusion Autoencoder: semantic encoder + conditional UNet (+ latent DPM, + classifier)."""
+AUTOENCODER_PARTS = ("encoder", "unet")
 
-    def __init__(self, config: ModelConfig):
+
+class DiffAE(nn.Module):
+    """A Diffusion Autoencoder: semantic encoder + conditional UNet (+ latent DPM, + classifier).
+
+    ``parts`` chooses which of the autoencoder's networks exist (a serving replica that only encodes builds
+    the encoder alone); a method that needs a missing network says so.
+    """
+
+    def __init__(self, config: ModelConfig, parts: Collection[str] = AUTOENCODER_PARTS):
         super().__init__()
+        unknown = set(parts) - set(AUTOENCODER_PARTS)
+        if unknown:
+            raise ValueError(f"unknown part(s) {sorted(unknown)}; an autoencoder has {AUTOENCODER_PARTS}")
         self.config = config
-        self.encoder = SemanticEncoder(config.unet, config.encoder)
-        self.unet = ConditionalUNet(config.unet)
+        self.encoder = SemanticEncoder(config.unet, config.encoder) if "encoder" in parts else None
+        self.unet = ConditionalUNet(config.unet) if "unet" in parts else None
         self.latent_net: LatentMLP | None = None
         self.register_buffer("latent_mean", None)
         self.register_buffer("latent_std", None)
@@ -60,17 +76,51 @@ class DiffAE(nn.Module):
         return cls(config)
 
     @classmethod
-    def load(cls, uri: str | Path, device: str | torch.device = "cpu") -> DiffAE:
-        """Load a bundle directory (local path, file:// or s3:// URI). See ``diffae_core.bundle``."""
-        from .bundle import load_bundle
+    def from_weights(cls, weights: ModelWeights, device: str | torch.device = "cpu") -> DiffAE:
+        """The model the weights describe (the networks they hold); WeightsMismatch lists any key that does
+        not fit ``weights.config``."""
+        model = cls(weights.config, parts=[p for p in AUTOENCODER_PARTS if getattr(weights, p) is not None])
+        for part in AUTOENCODER_PARTS:
+            if getattr(weights, part) is not None:
+                load_checked(getattr(model, part), getattr(weights, part), part)
+        if weights.latent is not None:
+            model.attach_latent(weights.latent.state, weights.latent.mean, weights.latent.std)
+        if weights.classifier is not None:
+            head = weights.classifier
+            model.attach_classifier(head.weight, head.bias, head.z_mean, head.z_std, head.attributes)
+        return model.to(device)
 
-        return load_bundle(str(uri), device=device)
+    def weights(self) -> ModelWeights:
+        """This model's networks as tensors (detached), for :func:`diffae_core.bundle.write_bundle`."""
+        def state(module: nn.Module | None) -> dict[str, torch.Tensor] | None:
+            return None if module is None else {k: v.detach() for k, v in module.state_dict().items()}
 
-    def save(self, uri: str | Path) -> None:
+        out = ModelWeights(self.config, encoder=state(self.encoder), unet=state(self.unet))
+        if self.latent_net is not None:
+            out.latent = LatentWeights(state(self.latent_net), self.latent_mean.detach(), self.latent_std.detach())
+        if self.classifier is not None:
+            head = self.classifier
+            out.classifier = ClassifierWeights(head.linear.weight.detach(), head.linear.bias.detach(),
+                                               head.z_mean.detach(), head.z_std.detach(), tuple(self.attributes))
+        return out
+
+    @classmethod
+    def load(cls, uri: str | Path, device: str | torch.device = "cpu", endpoint: str | None = None,
+             parts: Collection[str] | None = None) -> DiffAE:
+        """Load a bundle directory (local path, file:// or s3:// URI; see ``diffae_core.bundle``).
+
+        parts: None for everything the bundle holds, or a subset of ("encoder", "unet", "latent",
+        "classifier") to read and build only those networks.
+        """
+        weights = read_bundle(str(uri), endpoint, parts)
+        try:
+            return cls.from_weights(weights, device)
+        except WeightsMismatch as exc:
+            raise bundle_mismatch(str(uri), exc) from None
+
+    def save(self, uri: str | Path, endpoint: str | None = None) -> None:
         """Write this model as a bundle (EMA/inference weights, config, manifest with sha256)."""
-        from .bundle import save_bundle
-
-        save_bundle(self, str(uri))
+        write_bundle(str(uri), self.weights(), endpoint)
 
     @classmethod
     def from_official(
@@ -81,17 +131,17 @@ class DiffAE(nn.Module):
         device: str | torch.device = "cpu",
         image_size: int | None = None,
     ) -> DiffAE:
-        """Import official phizaz/diffae files (safe: no arbitrary unpickling). See ``official``.
+        """Import official phizaz/diffae files (safe: no arbitrary unpickling). See ``official_format``.
 
         path: the autoencoder (or autoencoder + latent) ``last.ckpt``; classifier_ckpt: the classifier's
         ``last.ckpt``; latent_stats: ``latent.pkl``. The architecture is inferred from the weights;
         ``image_size`` is needed only for files without the ``x_T`` buffer.
         """
-        from .official import load_official
-
-        return load_official(
-            path, classifier_ckpt=classifier_ckpt, latent_stats=latent_stats, device=device, image_size=image_size
-        )
+        weights = read_official(path, classifier_ckpt=classifier_ckpt, latent_stats=latent_stats, image_size=image_size)
+        try:
+            return cls.from_weights(weights, device)
+        except WeightsMismatch as exc:
+            raise official_mismatch(path, exc) from None
 
     def attach_latent(
         self, net: LatentMLP | dict[str, torch.Tensor], mean: torch.Tensor, std: torch.Tensor
@@ -101,7 +151,7 @@ class DiffAE(nn.Module):
             raise ValueError("config.latent is None: set a LatentConfig before attaching a latent net")
         if isinstance(net, dict):
             module = LatentMLP(self.config.latent)
-            module.load_state_dict(net)
+            load_checked(module, net, "latent")
             net = module
         device = self.device
         self.latent_net = net.to(device).eval()
@@ -132,7 +182,9 @@ class DiffAE(nn.Module):
     # ---- properties --------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
 
     @property
     def image_size(self) -> int:
@@ -146,9 +198,10 @@ class DiffAE(nn.Module):
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The decoder's raw output [B,3,H,W] for x_t [B,3,H,W], t [B] int64 ORIGINAL timesteps in [0,T),
         z [B,Z]: eps_hat, or v_hat when ``config.diffusion.prediction == "v"``."""
+        unet = self._require("unet")
         with self._inference():
             x_t = self._check_images(x_t, "x_t").float()
-            return self.unet(x_t, self._check_t(t, x_t.shape[0], self.diffusion.T), z.float()).float()
+            return unet(x_t, self._check_t(t, x_t.shape[0], self.diffusion.T), z.float()).float()
 
     def predict_latent_noise(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Raw latent-net call on NORMALISED z: z_t [B,Z], t [B] int64 original timesteps."""
@@ -159,24 +212,27 @@ class DiffAE(nn.Module):
     # ---- autoencoding ----------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """z_sem [B, Z] for images x [B,3,H,W] in [-1,1]."""
+        encoder = self._require("encoder")
         with self._inference():
-            return self.encoder(self._check_images(x, "x").float()).float()
+            return encoder(self._check_images(x, "x").float()).float()
 
     def _eps_fn(self, z: torch.Tensor):
-        return lambda x_t, t: self.unet(x_t, t, z).float()
+        unet = self._require("unet")
+        return lambda x_t, t: unet(x_t, t, z).float()
 
     def encode_stochastic(self, x: torch.Tensor, z: torch.Tensor | None = None, steps: int = 20) -> torch.Tensor:
         """x_T [B,3,H,W] by DDIM inversion of x [B,3,H,W] in [-1,1] conditioned on z [B,Z] (None -> encode(x))."""
+        if z is None:
+            z = self.encode(x)
         with self._inference():
             x = self._check_images(x, "x").float()
-            z = self.encoder(x).float() if z is None else z.float()
-            return self.diffusion.ddim_invert(self._eps_fn(z), x, steps)
+            return self.diffusion.ddim_invert(self._eps_fn(z.float().to(self.device)), x, steps)
 
     def decode(self, x_T: torch.Tensor, z: torch.Tensor, steps: int = 20) -> torch.Tensor:
         """Images [B,3,H,W] in [-1,1] by DDIM from x_T [B,3,H,W] conditioned on z_sem [B,Z]."""
         with self._inference():
             x_T = self._check_images(x_T, "x_T")
-            return self.diffusion.ddim_sample(self._eps_fn(z.float()), x_T, steps)
+            return self.diffusion.ddim_sample(self._eps_fn(z.float().to(self.device)), x_T, steps)
 
     def reconstruct(self, x: torch.Tensor, steps: int = 20, inversion_steps: int | None = None) -> torch.Tensor:
         """encode -> invert -> decode: near-exact reconstruction of x [B,3,H,W] in [-1,1]."""
@@ -198,7 +254,7 @@ class DiffAE(nn.Module):
         with self._inference():
             z_dim = self.config.z_dim
             if latent_noise is None:
-                latent_noise = torch.randn(n, z_dim, generator=generator, device=self._gen_device(generator))
+                latent_noise = self._randn((n, z_dim), generator)
             latent_noise = latent_noise.to(self.device, torch.float32)
             if latent_noise.shape != (n, z_dim):
                 raise ValueError(f"latent_noise must be [{n}, {z_dim}], got {list(latent_noise.shape)}")
@@ -228,12 +284,20 @@ class DiffAE(nn.Module):
         z = self.sample_latent(n, latent_steps, latent_noise, generator, clip_latent_noise)
         with self._inference():
             size = self.image_size
-            if noise is None:
-                noise = torch.randn(n, 3, size, size, generator=generator, device=self._gen_device(generator))
+            if noise is None:  # drawn after the latent noise: the order sample_noise documents
+                noise = self._randn((n, 3, size, size), generator)
             noise = noise.to(self.device, torch.float32)
             if noise.shape != (n, 3, size, size):
                 raise ValueError(f"noise must be [{n}, 3, {size}, {size}], got {list(noise.shape)}")
         return self.decode(noise, z, steps=steps)
+
+    def sample_noise(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latent_noise [n,Z], noise [n,3,H,W]) drawn from ``generator`` in the order :meth:`sample` draws
+        them, so that ``sample(n, latent_noise=ln, noise=x)`` with these equals ``sample(n, generator=g)``
+        for a generator in the same state. Serving draws each request's noise with it."""
+        size = self.image_size
+        latent_noise = self._randn((n, self.config.z_dim), generator)
+        return latent_noise, self._randn((n, 3, size, size), generator)
 
     # ---- attributes --------------------------------------------------------------------------
     def classify(self, z: torch.Tensor) -> torch.Tensor:
@@ -290,8 +354,9 @@ class DiffAE(nn.Module):
             t = self.diffusion.sample_t(x0.shape[0], x0.device, high_fraction=train.high_t_fraction,
                                         high_start=train.high_t_start)
         noise = torch.randn_like(x0) if noise is None else noise
-        z = self.encoder(x0)
-        return self.diffusion.training_loss(lambda x_t, tt: self.unet(x_t, tt, z), x0, t, noise,
+        encoder, unet = self._require("encoder"), self._require("unet")
+        z = encoder(x0)
+        return self.diffusion.training_loss(lambda x_t, tt: unet(x_t, tt, z), x0, t, noise,
                                             x0_weight_max=self.config.train.x0_weight_max).mean()
 
     # ---- helpers -----------------------------------------------------------------------------
@@ -309,9 +374,6 @@ class DiffAE(nn.Module):
             for m, mode in zip(self.modules(), was_training, strict=True):
                 m.training = mode
 
-    def _gen_device(self, generator: torch.Generator | None) -> torch.device:
-        return generator.device if generator is not None else self.device
-
     def _check_images(self, x: torch.Tensor, name: str) -> torch.Tensor:
         size = self.image_size
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (3, size, size):
@@ -324,6 +386,17 @@ class DiffAE(nn.Module):
         if t.dtype not in (torch.int64, torch.int32) or t.shape != (batch,):
             raise ValueError(f"t must be an integer tensor of shape [{batch}], got {t.dtype} {list(t.shape)}")
         return t.long()
+
+    def _randn(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+        device = generator.device if generator is not None else self.device
+        return torch.randn(*shape, generator=generator, device=device)
+
+    def _require(self, part: str) -> nn.Module:
+        module = getattr(self, part)
+        if module is None:
+            raise RuntimeError(f"this model was built without its {part} (parts={AUTOENCODER_PARTS!r} "
+                               f"are optional): load it with that part, e.g. DiffAE.load(uri)")
+        return module
 
     def _require_latent(self) -> LatentMLP:
         if self.latent_net is None:
