@@ -19,7 +19,7 @@ import io
 import posixpath
 from dataclasses import dataclass, field
 
-from . import storage
+from diffae_core import storage
 
 
 @dataclass
@@ -98,8 +98,7 @@ def parse_attribute_csv(text: str) -> AttributeTable:
 
 def read_attribute_table(uri: str, endpoint: str | None = None) -> AttributeTable:
     """Read a CSV or CelebA-HQ annotation file from a path, ``file://`` or ``s3://`` URI."""
-    fs, path = storage.resolve(uri, endpoint)
-    text = storage.read_bytes(fs, path).decode("utf-8-sig")
+    text = storage.read_bytes(uri, endpoint).decode("utf-8-sig")
     first = text.lstrip().split("\n", 1)[0].strip()
     if first.isdigit():
         return parse_celebahq_annotations(text)

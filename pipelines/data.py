@@ -22,17 +22,15 @@ Library entry points: :func:`load_dataset` (a Ray Dataset of preprocessed images
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
-import json
 import logging
 import posixpath
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -42,10 +40,11 @@ import ray.data
 from PIL import Image
 from ray.data import FileShuffleConfig
 
+from diffae_core import storage
 from diffae_core.images import decode_image, pil_to_tensor, resize_center_crop, to_rgb
 
-from . import storage
 from .attributes import AttributeTable, read_attribute_table
+from .jobkit import JobConfig, option
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +106,11 @@ class SkipTracker:
 
     def count(self) -> int:
         return int(self.summary(0)["skipped"])
+
+    def job_summary(self, max_examples: int = 10) -> dict[str, Any]:
+        """``skipped_images`` and ``skipped_examples``: what every job's summary reports about unreadable images."""
+        summary = self.summary(max_examples)
+        return {"skipped_images": summary["skipped"], "skipped_examples": summary["skipped_examples"]}
 
 
 # ---- preprocessing ------------------------------------------------------------------------------
@@ -176,7 +180,7 @@ def is_heldout(image_id: str, fraction: float) -> bool:
 def _process_batch(
     batch: dict[str, np.ndarray],
     prep: Preprocess,
-    fs: pafs.FileSystem | None,
+    endpoint: str | None,
     attributes: tuple[str, ...],
     table: AttributeTable | None,
     split: str,
@@ -196,7 +200,7 @@ def _process_batch(
             continue
         try:
             if "path" in batch:
-                image = decode_image(storage.read_bytes(fs, str(batch["path"][row])))
+                image = decode_image(storage.read_bytes(str(batch["path"][row]), endpoint))
             elif "image" in batch:
                 image = decode_image(_image_bytes(batch["image"][row]))
             else:
@@ -333,40 +337,49 @@ def _hash_ids(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return batch
 
 
-def _folder(fs: pafs.FileSystem, root: str, files: list[str]) -> ray.data.Dataset:
-    items = [{"id": posixpath.relpath(p, root), "path": p} for p in files]
+def _folder(root: str, files: list[str]) -> ray.data.Dataset:
+    items = [{"id": posixpath.relpath(storage.filesystem(p)[1], root), "path": p} for p in files]
     return ray.data.from_items(items, override_num_blocks=_blocks(len(items)))
 
 
 def read_source(
     source: str, image_size: int, s3_endpoint: str | None = None, seed: int = 0, shuffle_seed: int | None = None
-) -> tuple[ray.data.Dataset, tuple[str, ...], pafs.FileSystem | None]:
-    """The raw rows of a source: ``(dataset, attribute column names, filesystem for 'path' rows)``.
+) -> tuple[ray.data.Dataset, tuple[str, ...]]:
+    """The raw rows of a source: ``(dataset, attribute column names)``.
 
-    Rows carry ``id`` and one of ``path`` (a file to read), ``image`` (encoded bytes) or ``pixels``
+    Rows carry ``id`` and one of ``path`` (the URI of a file to read), ``image`` (encoded bytes) or ``pixels``
     (uint8 [H, W(, C)]); built-ins are rendered at ``image_size`` directly. The order is sorted (by path,
     index or parquet file) unless ``shuffle_seed`` is given: then it is a permutation fixed by that seed
     (whole list for folders and built-ins, file order for parquet).
     """
-    if source.partition(":")[0] in BUILTINS:
-        ds, attributes = _builtin(source, image_size, seed, shuffle_seed)
-        return ds, attributes, None
+    if is_builtin(source):
+        return _builtin(source, image_size, seed, shuffle_seed)
     fs, path = storage.filesystem(source, s3_endpoint)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"data source {source!r} does not exist (nor is it one of {BUILTINS})")
     if info.type == pafs.FileType.File:
         if path.lower().endswith(".parquet"):
-            return (*_parquet(fs, path, shuffle_seed), None)
+            return _parquet(fs, path, shuffle_seed)
         raise ValueError(f"{source!r} is a single file; pass a folder of images or parquet")
-    files = storage.list_files(fs, path, IMAGE_EXTENSIONS)
+    files = storage.list_files(source, IMAGE_EXTENSIONS, s3_endpoint)
     if not files:
-        if storage.list_files(fs, path, (".parquet",)):
-            return (*_parquet(fs, path, shuffle_seed), None)
+        if storage.list_files(source, (".parquet",), s3_endpoint):
+            return _parquet(fs, path, shuffle_seed)
         raise ValueError(f"{source!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no parquet files")
     if shuffle_seed is not None:
         files = [files[i] for i in np.random.default_rng(shuffle_seed).permutation(len(files))]
-    return _folder(fs, path, files), (), fs
+    return _folder(path, files), ()
+
+
+def is_builtin(source: str) -> bool:
+    """True for the built-in sets (``shapes``, ``shapes:N``, ``fashion-mnist[:t10k]``, ``digits``)."""
+    return str(source).partition(":")[0] in BUILTINS
+
+
+def source_uri(source: str) -> str:
+    """A source as every Ray worker can read it: built-in names unchanged, local paths made absolute."""
+    return source if is_builtin(source) else storage.absolute(source)
 
 
 @dataclass
@@ -392,17 +405,32 @@ def open_images(
     shuffle_seed: int | None = None,
     output: str = "tensor",
 ) -> ImageData:
-    """Like :func:`load_dataset`, also returning the attribute names and the :class:`SkipTracker`.
+    """The images of a source, preprocessed, as a Ray Dataset, with their attribute names and skip counter.
 
+    Rows: ``image`` float32 [3, S, S] in [-1, 1] (S = ``image_size``; PNG bytes with ``output="png"``),
+    ``id`` str (stable across runs: the relative path for folders, the ``id`` column or sha1 of the bytes for
+    parquet, ``shapes-0000042`` etc. for built-ins), and one int64 column per attribute (0/1 for binary
+    ones, ``label`` for fashion-mnist/digits, -1 where the attribute file has no row for the image).
+
+    source: folder / parquet / ``s3://`` URI / built-in (see the module docstring).
+    split: "all" (every image), "train" (images outside the held-out set) or "heldout" (images whose
+        ``sha1(id)`` falls below ``holdout``; a stable split every job agrees on).
+    flip: random horizontal flip; default on for split "train" only.
+    crop: "center" or "celeba-d2c" (the official CelebA crop before resizing).
+    attributes: optional CSV or CelebA-HQ annotation file joined on the image id.
+    s3_endpoint: S3 endpoint override (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL).
+    seed: generation seed of built-in ``shapes``.
     shuffle_seed: read the source in an order fixed by this seed (see :func:`read_source`); training
-    sets it so that a sorted folder is not fed class by class. output: "tensor" or "png" (``prepare``).
+        sets it so that a sorted folder is not fed class by class.
+
+    Unreadable images are skipped and counted by the returned :class:`SkipTracker`.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")
     endpoint = storage.s3_endpoint(s3_endpoint)
-    raw, names, fs = read_source(source, image_size, endpoint, seed, shuffle_seed)
+    raw, names = read_source(source, image_size, endpoint, seed, shuffle_seed)
     table = read_attribute_table(attributes, endpoint) if attributes else None
     if table is not None:
         clash = set(table.names) & {"image", "id"}
@@ -414,46 +442,15 @@ def open_images(
     ds = raw.map_batches(
         _process_batch,
         batch_size=ROWS_PER_BLOCK,
-        fn_kwargs={"prep": prep, "fs": fs, "attributes": names, "table": table, "split": split,
+        fn_kwargs={"prep": prep, "endpoint": endpoint, "attributes": names, "table": table, "split": split,
                    "holdout": holdout, "skips": skips},
     )
     return ImageData(ds, names + (table.names if table else ()), skips)
 
 
-def load_dataset(
-    source: str,
-    image_size: int,
-    *,
-    split: str = "all",
-    holdout: float = 0.0,
-    flip: bool | None = None,
-    crop: str = "center",
-    attributes: str | None = None,
-    s3_endpoint: str | None = None,
-    seed: int = 0,
-) -> ray.data.Dataset:
-    """A Ray Dataset of preprocessed images, the input of every training and inference job.
-
-    Rows: ``image`` float32 [3, S, S] in [-1, 1] (S = ``image_size``), ``id`` str (stable across runs:
-    the relative path for folders, the ``id`` column or sha1 of the bytes for parquet, ``shapes-0000042``
-    etc. for built-ins), and one int64 column per attribute (0/1 for binary ones, ``label`` for
-    fashion-mnist/digits, -1 where the attribute file has no row for the image).
-
-    source: folder / parquet / ``s3://`` URI / built-in (see the module docstring).
-    split: "all" (every image), "train" (images outside the held-out set) or "heldout" (images whose
-        ``sha1(id)`` falls below ``holdout``; a stable split every job agrees on).
-    flip: random horizontal flip; default on for split "train" only.
-    crop: "center" or "celeba-d2c" (the official CelebA crop before resizing).
-    attributes: optional CSV or CelebA-HQ annotation file joined on the image id.
-    s3_endpoint: S3 endpoint override (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL).
-    seed: generation seed of built-in ``shapes``.
-
-    Unreadable images are skipped and counted; use :func:`open_images` to read the count.
-    """
-    return open_images(
-        source, image_size, split=split, holdout=holdout, flip=flip, crop=crop, attributes=attributes,
-        s3_endpoint=s3_endpoint, seed=seed,
-    ).dataset
+def load_dataset(source: str, image_size: int, **options: Any) -> ray.data.Dataset:
+    """The Ray Dataset of :func:`open_images` (same arguments), for callers that need only the rows."""
+    return open_images(source, image_size, **options).dataset
 
 
 # ---- prepare ----------------------------------------------------------------------------------
@@ -479,14 +476,15 @@ def prepare(
     """
     start = time.time()
     endpoint = storage.s3_endpoint(s3_endpoint)
-    fs, path = storage.filesystem(destination, endpoint)
-    if storage.is_dir(fs, path) and storage.list_files(fs, path, (".parquet",)):
+    source, destination = source_uri(source), storage.absolute(destination)
+    if storage.is_dir(destination, endpoint) and storage.list_files(destination, (".parquet",), endpoint):
         raise FileExistsError(f"{destination!r} already holds parquet files; choose an empty destination")
     # Shards are written in a seeded random order, so readers that only shuffle locally still mix well.
     data = open_images(source, image_size, split="all", flip=False, crop=crop, attributes=attributes,
                        s3_endpoint=endpoint, seed=seed, shuffle_seed=seed, output="png")
+    fs, path = storage.filesystem(destination, endpoint)
     data.dataset.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file)
-    written = storage.list_files(fs, path, (".parquet",))
+    written = [storage.filesystem(uri, endpoint)[1] for uri in storage.list_files(destination, (".parquet",), endpoint)]
     count = ray.data.read_parquet(written, filesystem=fs).count() if written else 0
     summary = {
         "source": source,
@@ -499,43 +497,42 @@ def prepare(
         **data.skips.summary(),
         "seconds": round(time.time() - start, 2),
     }
-    storage.write_bytes(fs, storage.join(path, DATASET_INFO), json.dumps(summary, indent=2).encode())
+    storage.write_json(storage.join(destination, DATASET_INFO), summary, endpoint)
     return summary
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Prepare a data set: decode, crop and resize images into sharded parquet (local or s3://).",
-    )
-    p.add_argument("source", help=f"image folder, parquet, s3:// URI, or a built-in: {', '.join(BUILTINS)} "
-                                  "(shapes:N for N images, fashion-mnist:t10k for the test file)")
-    p.add_argument("destination", help="output folder or s3://bucket/prefix (must hold no parquet yet)")
-    p.add_argument("--image-size", type=int, required=True, help="side S of the stored S x S images")
-    p.add_argument("--attributes", help="CSV or CelebA-HQ annotation file (CelebAMask-HQ-attribute-anno.txt) "
-                                        "joined on the image id")
-    p.add_argument("--crop", choices=CROPS, default="center",
-                   help="'celeba-d2c': the official CelebA crop before resizing (default: center)")
-    p.add_argument("--rows-per-file", type=int, default=5000, help="minimum rows per parquet shard")
-    p.add_argument("--seed", type=int, default=0, help="generation seed of the built-in shapes set")
-    p.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
-    return p
+@dataclass(kw_only=True)
+class PrepareJob(JobConfig):
+    """Prepare a data set: decode, crop and resize images into sharded parquet (local or s3://)."""
+
+    job_name: ClassVar[str] = "data_prepare"
+
+    source: str = option(positional=True, help=f"image folder, parquet, s3:// URI, or a built-in: {', '.join(BUILTINS)} "
+                                               "(shapes:N for N images, fashion-mnist:t10k for the test file)")
+    destination: str = option(positional=True, help="output folder or s3://bucket/prefix (must hold no parquet yet)")
+    image_size: int = option(help="side S of the stored S x S images")
+    attributes: str | None = option(None, help="CSV or CelebA-HQ annotation file (CelebAMask-HQ-attribute-anno.txt) "
+                                               "joined on the image id")
+    crop: str = option("center", choices=CROPS, help="'celeba-d2c': the official CelebA crop before resizing")
+    rows_per_file: int = option(5000, help="minimum rows per parquet shard")
+    seed: int = option(0, help="generation seed of the built-in shapes set")
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    args = build_parser(prog).parse_args(argv)
-    if not ray.is_initialized():
-        ray.init()
-    summary = prepare(args.source, args.destination, args.image_size, attributes=args.attributes,
-                      crop=args.crop, s3_endpoint=args.s3_endpoint, rows_per_file=args.rows_per_file,
-                      seed=args.seed)
-    print(f"prepared {summary['images']} images into {summary['files']} parquet file(s) at {args.destination}; "
+def _run(job: PrepareJob) -> dict[str, Any]:
+    summary = prepare(job.source, job.destination, job.image_size, attributes=job.attributes, crop=job.crop,
+                      s3_endpoint=job.s3_endpoint, rows_per_file=job.rows_per_file, seed=job.seed)
+    print(f"prepared {summary['images']} images into {summary['files']} parquet file(s) at {job.destination}; "
           f"skipped {summary['skipped']} unreadable image(s)"
           + (f", {summary['unlabelled']} without attributes" if summary["unlabelled"] else ""))
     for example in summary["skipped_examples"]:
         print(f"  skipped {example['id']}: {example['reason']}")
-    print(json.dumps(summary))
-    return 0
+    return summary
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    from .jobkit import run_cli
+
+    return run_cli(PrepareJob, argv, prog, _run)
 
 
 if __name__ == "__main__":

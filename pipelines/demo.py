@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import shlex
 import shutil
@@ -40,14 +39,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from diffae_core import DiffAE
+from diffae_core import DiffAE, storage
+from diffae_core.bundle import read_config
 from diffae_core.config import PRESETS, get_preset
 
-from . import demo_report, runtime
+from . import cluster, demo_report, jobkit
+from .jobkit import option
 
 DEFAULT_OUT = "outputs/demo"
 DEFAULT_PRESET = "demo16"
@@ -55,27 +56,34 @@ DEFAULT_PRESET = "demo16"
 DEFAULT_DEMO_MODEL = str(Path(__file__).resolve().parents[1] / "assets" / "demo-model")
 
 
-@dataclasses.dataclass
-class DemoSettings:
-    """What the demo does; a step is reused only when the settings it depends on are unchanged."""
+@dataclasses.dataclass(kw_only=True)
+class DemoSettings(jobkit.JobConfig):
+    """Train, evaluate and serve a small Diff-AE on `shapes` end to end (make demo). A step is reused only
+    when the settings it depends on are unchanged."""
 
-    out: str = DEFAULT_OUT
-    preset: str = DEFAULT_PRESET
-    images: int = 6000  # size of the shapes set (10% held out for testing)
-    holdout: float = 0.1
-    budget_images: int = 14_080  # autoencoder training budget, images seen (all workers)
-    num_workers: int = 2
-    latent_budget: int = 128_000  # latent DPM training budget, latents seen
-    classifier_budget: int = 64_000  # classifier training budget, latents seen
-    test_images: int = 200  # held-out images judged by the oracle
-    manipulation_images: int = 64
-    sample_images: int = 100
-    steps: int = 20  # DDIM steps of inversion and decoding in the evaluation
-    alphas: tuple[float, ...] = (0.5, 1.0, 2.0)  # manipulation strengths tried; the best per attribute is reported
-    seed: int = 0
-    port: int = 8000
-    metrics_port: int = 8080
-    demo_model: str = DEFAULT_DEMO_MODEL  # shipped bundle evaluated (and served) beside the live one; "" = none
+    job_name: ClassVar[str] = "demo"
+
+    out: str = option(DEFAULT_OUT, help="output directory")
+    preset: str = option(DEFAULT_PRESET, choices=sorted(PRESETS), help="model preset")
+    images: int = option(6000, help="size of the shapes data set (--holdout of it held out for testing)")
+    holdout: float = option(0.1, help="held-out fraction of the shapes set")
+    budget_images: int = option(14_080, help="autoencoder training budget, images seen (all workers)")
+    num_workers: int = option(2, help="Ray Train workers of the autoencoder")
+    latent_budget: int = option(128_000, help="latent DPM training budget, latents seen")
+    classifier_budget: int = option(64_000, help="classifier training budget, latents seen")
+    test_images: int = option(200, help="held-out images judged by the oracle")
+    manipulation_images: int = option(64, help="held-out images manipulated along each attribute")
+    sample_images: int = option(100, help="unconditional samples judged by the oracle")
+    steps: int = option(20, help="DDIM steps of inversion and decoding in the evaluation")
+    alphas: tuple[float, ...] = option((0.5, 1.0, 2.0), help="manipulation strengths tried; the best per attribute "
+                                                                 "is reported")
+    seed: int = option(0, help="seed of the data, the training runs and the evaluation")
+    port: int = option(8000, help="HTTP port of the Serve app")
+    demo_model: str = option(DEFAULT_DEMO_MODEL, help="shipped bundle to evaluate and serve beside the live "
+                                                      "model ('' = none)")
+    ship: str | None = option(None, help="after the run, copy the trained bundle to DIR with DIR.json (its "
+                                         "provenance): how `make demo-model` updates assets/demo-model")
+    fresh: bool = option(False, help="delete the output directory and start over")
 
     def fingerprint(self, *names: str) -> str:
         values = {n: getattr(self, n) for n in names}
@@ -124,27 +132,10 @@ class StepRunner:
         print(f"== [{self.index}/{self.total}] {name}: skipped ({reason})", flush=True)
 
 
-def _start_ray(settings: DemoSettings) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    # 2 training workers + Ray Data tasks on a 2-core machine: logical CPUs above the core count keep
-    # Data from starving (see ray-notes.md); each worker still computes with one thread.
-    from .ray_logs import SETUP_HOOK
-
-    ray.init(address="local", num_cpus=max(4, (os.cpu_count() or 2) * 2), include_dashboard=False,
-             _metrics_export_port=settings.metrics_port, log_to_driver=True,
-             runtime_env={"worker_process_setup_hook": SETUP_HOOK},
-             _system_config={"metrics_report_interval_ms": 2000})
-    # The demo prints its own step lines; Ray Data's per-operator progress would bury them.
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.enable_auto_log_stats = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+def _start_ray() -> None:
+    """An embedded local Ray (pipelines.cluster.connect) that exports metrics every 2 s for the demo's page."""
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
+    cluster.connect()
 
 
 def _digest(config: dict[str, Any], *parts: str) -> str:
@@ -210,7 +201,7 @@ def step_latents(settings: DemoSettings, data: str, bundle: str) -> dict[str, An
     from .data import open_images
     from .infer_latents import infer_latents
 
-    size = DiffAE.load(bundle).config.image_size
+    size = read_config(bundle).image_size
     images = open_images(data, size, split="train", holdout=settings.holdout, flip=False)
     out = str(Path(settings.out) / "latents")
     stats = infer_latents(images.dataset, bundle, out, batch_size=64, concurrency=1, skips=images.skips)
@@ -293,7 +284,7 @@ def demo_model_info(path: str, image_size: int) -> dict[str, Any] | None:
         return None
     about_file = bundle.parent / f"{bundle.name}.json"
     about = json.loads(about_file.read_text()) if about_file.exists() else {}
-    size = runtime.bundle_config(str(bundle)).image_size  # the config only, not the weights
+    size = read_config(str(bundle)).image_size  # the config only, not the weights
     if size != image_size:
         return {"skipped": f"the demo model is {size} px, this demo's images are {image_size} px"}
     digest = hashlib.sha1(manifest.read_bytes()).hexdigest()[:12]
@@ -318,23 +309,14 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
 def step_serve(settings: DemoSettings, bundle: str) -> dict[str, Any]:
     from . import demo_serve
 
-    return demo_serve.call_app(bundle, Path(settings.out) / "served", settings.port, settings.metrics_port,
+    return demo_serve.call_app(bundle, Path(settings.out) / "served", settings.port,
                                keep_serving=os.environ.get("DEMO_KEEP_SERVING") == "1")
 
 
 # ---- main -------------------------------------------------------------------------------------
-def run_demo(settings: DemoSettings, fresh: bool = False) -> dict[str, Any]:
-    """Run every step; returns metrics.json's content. Raises DemoStepError naming the failed step."""
-    settings = dataclasses.replace(settings, out=os.path.abspath(settings.out))
+def _live_model(runner: StepRunner, settings: DemoSettings, image_size: int) -> dict[str, Any]:
+    """Steps 1-6: data, the live model's training stages and its evaluation; each step's result by name."""
     out = Path(settings.out)
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    image_size = _model_config(settings).image_size
-    runner = StepRunner(out, total=9)
-    _start_ray(settings)
-
     data = runner.run("data", settings.fingerprint("images", "holdout", "seed", "preset"),
                       lambda: step_data(settings, image_size))
     # the resolved recipes, not only the preset's name: a changed recipe must not reuse a model trained with
@@ -350,31 +332,50 @@ def run_demo(settings: DemoSettings, fresh: bool = False) -> dict[str, Any]:
     classifier = runner.run("classifier", key, lambda: step_classifier(settings, train["bundle"], latents["latents"]))
     key += settings.fingerprint("test_images", "manipulation_images", "sample_images", "steps", "alphas")
     evaluation = runner.run("evaluate", key, lambda: step_evaluate(settings, data["data"], train["bundle"], out))
+    return {"data": data, "train": train, "latents": latents, "latent": latent, "classifier": classifier,
+            "evaluation": evaluation}
+
+
+def _shipped_model(runner: StepRunner, settings: DemoSettings, data: str, image_size: int) -> dict[str, Any] | None:
+    """Step 7: the shipped demo model judged on the same held-out images (or why it is not)."""
     shipped = demo_model_info(settings.demo_model, image_size)
-    demo_model: dict[str, Any] | None = None
     if shipped is None or "skipped" in shipped:
         runner.skip("demo-model", shipped["skipped"] if shipped else "no shipped demo model")
-        demo_model = shipped
-    else:
-        demo_key = shipped["digest"] + settings.fingerprint("images", "holdout", "seed", "preset", "test_images",
-                                                              "manipulation_images", "sample_images", "steps",
-                                                              "alphas")
-        demo_eval = runner.run("demo-model", demo_key,
-                               lambda: step_evaluate(settings, data["data"], shipped["bundle"], out / "demo-model"))
-        demo_model = {"bundle": shipped["bundle"], "about": shipped["about"], "headline": _headline(demo_eval),
-                      **demo_eval}
+        return shipped
+    key = shipped["digest"] + settings.fingerprint("images", "holdout", "seed", "preset", "test_images",
+                                                   "manipulation_images", "sample_images", "steps", "alphas")
+    evaluation = runner.run("demo-model", key,
+                            lambda: step_evaluate(settings, data, shipped["bundle"], Path(settings.out) / "demo-model"))
+    return {"bundle": shipped["bundle"], "about": shipped["about"], "headline": _headline(evaluation), **evaluation}
 
+
+def run_demo(settings: DemoSettings, fresh: bool = False) -> dict[str, Any]:
+    """Run every step; returns metrics.json's content. Raises DemoStepError naming the failed step."""
+    settings = dataclasses.replace(settings, out=os.path.abspath(settings.out))
+    out = Path(settings.out)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    image_size = _model_config(settings).image_size
+    runner = StepRunner(out, total=9)
+    _start_ray()
+    live = _live_model(runner, settings, image_size)
+    demo_model = _shipped_model(runner, settings, live["data"]["data"], image_size)
+    train = live["train"]
     metrics = {
-        "headline": _headline(evaluation), **evaluation,
+        "headline": _headline(live["evaluation"]), **live["evaluation"],
         "training": {k: train.get(k) for k in ("samples_seen", "steps", "loss", "images_per_second", "seconds",
                                                "num_workers", "skipped_images")},
-        "latent_dpm": latent, "classifier": classifier["metrics"], "data": data, "latents": latents,
-        "settings": dataclasses.asdict(settings), "bundle": train["bundle"], "demo_model": demo_model,
+        "latent_dpm": live["latent"], "classifier": live["classifier"]["metrics"], "data": live["data"],
+        "latents": live["latents"], "settings": dataclasses.asdict(settings), "bundle": train["bundle"],
+        "demo_model": demo_model,
     }
     served_bundle = demo_model["bundle"] if demo_model and "bundle" in demo_model else train["bundle"]
+
     def report() -> dict[str, Any]:
         metrics["timings_s"] = {**runner.timings, "total": round(time.time() - started, 1)}
-        runtime.write_json(str(out / "metrics.json"), metrics)
+        storage.write_json(str(out / "metrics.json"), metrics)
         demo_report.write_html(out, metrics)
         return {"report": str(out / "report.html")}
 
@@ -427,55 +428,35 @@ def ship_demo_model(metrics: dict[str, Any], dest: str, command: str) -> Path:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    d = DemoSettings()
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=d.out, help="output directory")
-    p.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help="model preset")
-    p.add_argument("--images", type=int, default=d.images, help="size of the shapes data set")
-    p.add_argument("--budget-images", type=int, default=d.budget_images, help="autoencoder training budget (images)")
-    p.add_argument("--latent-budget", type=int, default=d.latent_budget, help="latent DPM budget (latents)")
-    p.add_argument("--test-images", type=int, default=d.test_images, help="held-out images to evaluate")
-    p.add_argument("--steps", type=int, default=d.steps, help="DDIM steps in evaluation")
-    p.add_argument("--port", type=int, default=d.port, help="HTTP port of the Serve app")
-    p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Ray's Prometheus export port")
-    p.add_argument("--demo-model", default=d.demo_model,
-                   help="shipped bundle to evaluate and serve beside the live model ('' = none)")
-    p.add_argument("--ship", metavar="DIR", help="after the run, copy the trained bundle to DIR with DIR.json "
-                                                "(its provenance): how `make demo-model` updates assets/demo-model")
-    p.add_argument("--fresh", action="store_true", help="delete the output directory and start over")
-    return p
+    return jobkit.build_parser(DemoSettings, prog)
 
 
-# The demo runs a single-node Ray in this process, on loopback only (see ray-notes.md); a user's own
-# settings win.
-DEMO_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-                "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0"}
-
-
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    args = build_parser(prog).parse_args(argv)
-    for key, value in DEMO_RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    settings = DemoSettings(out=args.out, preset=args.preset, images=args.images, budget_images=args.budget_images,
-                            latent_budget=args.latent_budget, test_images=args.test_images, steps=args.steps,
-                            port=args.port, metrics_port=args.metrics_port, demo_model=args.demo_model)
-    try:
-        metrics = run_demo(settings, fresh=args.fresh)
-    except DemoStepError as exc:
-        print(f"\n{exc}", file=sys.stderr)
-        print("Fix the cause and run `make demo` again: finished steps are reused.", file=sys.stderr)
-        return 1
-    out = Path(settings.out)
-    if args.ship:
-        command = shlex.join(["python", "-m", "pipelines.demo", *(argv if argv is not None else sys.argv[1:])])
-        print(f"shipped the trained bundle to {ship_demo_model(metrics, args.ship, command)}")
+def _print_headline(metrics: dict[str, Any], out: Path) -> None:
     print(f"\nreport: {(out / 'report.html').resolve()}")
     shipped = metrics.get("demo_model") or {}
     print(f"  {'':28s} {'live':>8s}  {'demo model' if 'headline' in shipped else '':>10s}")
     for name, row in metrics["headline"].items():
         other = f"{shipped['headline'][name]['value']:10.3f}" if "headline" in shipped else ""
         print(f"  {name:28s} {row['value']:8.3f}  {other}  (target {row['target']})")
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    try:
+        settings = jobkit.resolve(DemoSettings, build_parser(prog).parse_args(argv))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        metrics = run_demo(settings, fresh=settings.fresh)
+    except DemoStepError as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        print("Fix the cause and run `make demo` again: finished steps are reused.", file=sys.stderr)
+        return 1
+    out = Path(settings.out)
+    if settings.ship:
+        command = shlex.join(["python", "-m", "pipelines.demo", *(argv if argv is not None else sys.argv[1:])])
+        print(f"shipped the trained bundle to {ship_demo_model(metrics, settings.ship, command)}")
+    _print_headline(metrics, out)
     return 0
 
 

@@ -28,7 +28,7 @@ def _post(client: httpx.Client, route: str, body: dict[str, Any]) -> bytes:
     return reply.content
 
 
-def call_app(bundle: str, out: Path, port: int, metrics_port: int, keep_serving: bool = False) -> dict[str, Any]:
+def call_app(bundle: str, out: Path, port: int, keep_serving: bool = False) -> dict[str, Any]:
     """Start the Serve app for ``bundle`` on 127.0.0.1:``port`` (Ray must be running), send reconstruct,
     manipulate and sample requests, save the PNG answers under ``out``, and stop the app unless
     ``keep_serving`` (then block until Ctrl-C). Returns URLs, files and the cold-start timing."""
@@ -56,7 +56,7 @@ def call_app(bundle: str, out: Path, port: int, metrics_port: int, keep_serving:
                 files.append(fname)
         (out / "sample.png").write_bytes(_post(client, "/v1/sample", {"n": 8, "seed": 0}))
         files.append("sample.png")
-    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    metrics_url = serve_cli.metrics_url()
     print(f"web page:   {url}/\nAPI docs:   {url}/docs\nPrometheus: {metrics_url}", flush=True)
     result = {"url": url, "metrics_url": metrics_url, "files": files,
               "cold_start_to_first_reconstruction_s": round(first_reconstruction_s, 2),

@@ -16,73 +16,73 @@ missing that metric is reported as skipped, with the reason, and the rest still 
 pixels`` swaps Inception for 8x8 average-pooled pixels: a weight-free stand-in for smoke tests, not FID.
 
 Work is spread over a Ray Data actor pool (``--concurrency`` actors, a GPU each when the cluster has
-GPUs); actors return per-image metrics and feature vectors, and the driver reduces them (float64 sums,
-so the result does not depend on how rows were batched). Output in DIR (local or s3://):
-``metrics.json``, ``config.json``, ``grids/reconstructions.png`` (inputs, then one row per step count)
-and ``grids/samples.png`` (with a latent net).
+GPUs): actors return per-image metrics and FID features (``diffae_core.metrics.FIDFeatures``), and the
+driver adds the features to ``diffae_core.metrics.FIDMetric`` (float64 sums, so the result does not depend
+on how rows were batched). Output in DIR (local or s3://): ``metrics.json``, ``config.json``,
+``grids/reconstructions.png`` (inputs, then one row per step count) and ``grids/samples.png`` (with a
+latent net).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import io
-import json
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+import ray
 import torch
 
+from diffae_core import DiffAE, storage
 from diffae_core import metrics as M
-from diffae_core.bundle import load_bundle
+from diffae_core.bundle import LATENT, read_config, read_manifest
 from diffae_core.images import make_grid
 
-from . import runtime, storage
+from . import cluster, jobkit
+from .data import SPLITS
+from .inference import ActorPool, BundleActor, ImageInput
+from .jobkit import option
 
 FEATURES = ("inception", "pixels")
 RECON_METRICS = ("mse", "psnr", "ssim", "lpips")
 
 
-@dataclass
-class EvalJob:
-    """What to evaluate and how. Steps are DDIM step counts (respaced), not original timesteps."""
+@dataclass(kw_only=True)
+class EvalJob(ImageInput, ActorPool):
+    """Evaluate a bundle: reconstruction MSE/PSNR/SSIM/LPIPS and FID (Ray Data). Steps are DDIM step counts."""
 
-    bundle: str
-    data: str  # image source (see pipelines.data); the evaluated split of it is also FID's reference set
-    out: str  # output directory, local or s3://
-    split: str = "heldout"  # "heldout" | "train" | "all" (see pipelines.data.is_heldout)
-    holdout: float = 0.1  # the held-out fraction that defines the splits (use the training run's)
-    limit: int | None = None  # evaluate at most this many images
-    crop: str = "center"
-    steps: tuple[int, ...] = (10,)  # decoding steps; one reconstruction evaluation per value
-    inversion_steps: int | None = None  # DDIM inversion steps (None = the decoding steps)
-    lpips: bool = True
-    fid: bool = True
-    fid_feature: str = "inception"  # "inception" (FID) or "pixels" (weight-free stand-in, for smoke tests)
-    fid_weights: str | None = None  # Inception weights file (default: $DIFFAE_FID_WEIGHTS, $TORCH_HOME)
-    lpips_weights: str | None = None  # AlexNet weights file (default: $DIFFAE_ALEXNET_WEIGHTS, $TORCH_HOME)
-    num_samples: int | None = None  # unconditional samples for FID (None = as many as evaluated images)
-    sample_steps: int = 20
-    latent_steps: int = 20
-    grid_images: int = 8
-    batch_size: int = 32
-    concurrency: int = 1
-    num_gpus: float | None = None  # per actor; None = 1 when the cluster has GPUs
-    precision: str = "fp32"
-    seed: int = 0
-    endpoint: str | None = None
+    job_name: ClassVar[str] = "evaluate"
+
+    bundle: str = option(help="the bundle to evaluate (path or s3://)", path=True)
+    out: str = option(help="output directory (path or s3://) for metrics.json and grids/", path=True)
+    split: str = option("heldout", choices=SPLITS,
+                        help="'heldout': images whose sha1(id) falls below --holdout; also FID's reference set")
+    holdout: float = option(0.1, help="held-out fraction defining the splits (use the training run's)")
+    steps: tuple[int, ...] = option((10,), help="DDIM decoding steps (one evaluation each)")
+    inversion_steps: int | None = option(None, help="DDIM inversion steps (default: the decoding steps)")
+    lpips: bool = option(True, help="compute LPIPS")
+    fid: bool = option(True, help="compute FID")
+    fid_feature: str = option("inception", choices=FEATURES,
+                              help="'pixels': a weight-free stand-in for Inception (smoke tests; not FID)")
+    fid_weights: str | None = option(None, help="Inception weights file (default: $DIFFAE_FID_WEIGHTS, $TORCH_HOME)")
+    lpips_weights: str | None = option(None, help="AlexNet weights file (default: $DIFFAE_ALEXNET_WEIGHTS, $TORCH_HOME)")
+    num_samples: int | None = option(None, help="unconditional samples for FID (default: the number of images)")
+    sample_steps: int = option(20, help="DDIM steps of the decoder when sampling")
+    latent_steps: int = option(20, help="DDIM steps of the latent DPM when sampling")
+    grid_images: int = option(8, help="images per grid row")
+    batch_size: int = option(32, help="images per model call")
+    seed: int = option(0, help="seed of the sampling noise")
 
     def validate(self) -> None:
+        super().validate()
         if not self.steps or min(self.steps) < 1:
             raise ValueError(f"steps must be positive DDIM step counts, got {self.steps}")
         if self.fid_feature not in FEATURES:
             raise ValueError(f"fid_feature must be one of {FEATURES}, got {self.fid_feature!r}")
-        if self.precision not in runtime.PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(runtime.PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in cluster.PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(cluster.PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass
@@ -99,64 +99,23 @@ def quantise(images01: torch.Tensor) -> torch.Tensor:
 
 
 class PixelFeatures(torch.nn.Module):
-    """uint8 [B,3,H,W] -> [B,192]: 8x8 average-pooled pixels in [0,1]. A weight-free stand-in for Inception."""
+    """[B,3,H,W] in [0,1] -> [B,192]: 8x8 average-pooled pixels. A weight-free stand-in for Inception."""
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 8).flatten(1)
+    num_features = 192
 
-
-def feature_network(kind: str, weights: str | None, device: torch.device) -> torch.nn.Module:
-    """The FID feature extractor: uint8 [B,3,H,W] -> [B,D] (Inception pool3: D = 2048)."""
-    if kind == "pixels":
-        return PixelFeatures().to(device)
-    from torchmetrics.image.fid import NoTrainInceptionV3
-
-    return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                              feature_extractor_weights_path=weights).to(device)
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(images01.float(), 8).flatten(1)
 
 
-class FeatureMoments:
-    """Running count, sum and sum of outer products of feature rows (float64) -> mean and covariance."""
-
-    def __init__(self) -> None:
-        self.n, self.s1, self.s2 = 0, None, None
-
-    def update(self, feats: np.ndarray) -> None:
-        f = np.asarray(feats, dtype=np.float64)
-        if f.shape[0] == 0:
-            return
-        if self.s1 is None:
-            self.s1, self.s2 = np.zeros(f.shape[1]), np.zeros((f.shape[1], f.shape[1]))
-        self.n += f.shape[0]
-        self.s1 += f.sum(0)
-        self.s2 += f.T @ f
-
-    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.n < 2:
-            raise ValueError(f"FID needs at least 2 images per set, got {self.n}")
-        mu = self.s1 / self.n
-        return mu, (self.s2 - self.n * np.outer(mu, mu)) / (self.n - 1)
-
-
-def fid(a: FeatureMoments, b: FeatureMoments) -> float:
-    return M.frechet_distance(*a.mean_cov(), *b.mean_cov())
+def fid_features(kind: str | None, weights: str | None, device: torch.device) -> M.FIDFeatures | None:
+    """The FID feature network a worker runs (None: FID off)."""
+    if kind is None:
+        return None
+    return M.FIDFeatures(PixelFeatures() if kind == "pixels" else None, weights).to(device)
 
 
 # ---- Ray Data actors ----------------------------------------------------------------------------
-class _BundleActor:
-    def __init__(self, bundle: str, num_gpus: float, precision: str, endpoint: str | None,
-                 fid_feature: str | None, fid_weights: str | None):
-        self.device = runtime.inference_device(num_gpus)
-        self.model = load_bundle(bundle, device=self.device, endpoint=endpoint)
-        self.model.inference_dtype = runtime.PRECISIONS[precision]
-        self.features = feature_network(fid_feature, fid_weights, self.device) if fid_feature else None
-
-    @torch.no_grad()
-    def feats(self, images01: torch.Tensor) -> np.ndarray:
-        return self.features(quantise(images01.float())).double().cpu().numpy()
-
-
-class Reconstructor(_BundleActor):
+class Reconstructor(BundleActor):
     """Image rows -> per-image reconstruction metrics (``mse_T{s}`` ...) and FID features for each step count.
 
     Input (numpy batch): ``image`` [B,3,S,S] float32 in [-1,1], ``id``. Output: ``id``, one float column per
@@ -164,19 +123,20 @@ class Reconstructor(_BundleActor):
     """
 
     def __init__(self, bundle: str, steps: Sequence[int], inversion_steps: int | None, lpips_weights: str | None,
-                 num_gpus: float = 0.0, precision: str = "fp32", endpoint: str | None = None,
-                 fid_feature: str | None = None, fid_weights: str | None = None):
-        super().__init__(bundle, num_gpus, precision, endpoint, fid_feature, fid_weights)
+                 fid_feature: str | None, fid_weights: str | None, num_gpus: float = 0.0, precision: str = "fp32",
+                 endpoint: str | None = None):
+        super().__init__(bundle, num_gpus, precision, endpoint, parts=("encoder", "unet"))
         self.steps, self.inversion_steps = list(steps), inversion_steps
         self.lpips_net = M.load_lpips(self.device, lpips_weights) if lpips_weights else None
+        self.features = fid_features(fid_feature, fid_weights, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(np.ascontiguousarray(batch["image"], dtype=np.float32)).to(self.device)
+        x = self.images(batch, self.device)
         x01 = (x + 1) / 2
         z = self.model.encode(x)
         out: dict[str, np.ndarray] = {"id": np.asarray(batch["id"])}
         if self.features is not None:
-            out["feat_real"] = self.feats(x01)
+            out["feat_real"] = self.features(x01).cpu().numpy()
         for s in self.steps:
             x_T = self.model.encode_stochastic(x, z, steps=self.inversion_steps or s)
             r01 = (self.model.decode(x_T, z, steps=s).float() + 1) / 2
@@ -187,7 +147,7 @@ class Reconstructor(_BundleActor):
                 with torch.no_grad():
                     out[f"lpips_T{s}"] = M.lpips(x01, r01, net=self.lpips_net).cpu().numpy()
             if self.features is not None:
-                out[f"feat_T{s}"] = self.feats(r01)
+                out[f"feat_T{s}"] = self.features(r01).cpu().numpy()
         return out
 
 
@@ -201,27 +161,27 @@ def sample_noise(ids: Sequence[int], image_size: int, z_dim: int, seed: int) -> 
     return torch.stack(xs), torch.stack(zs)
 
 
-class SampleFeatures(_BundleActor):
+class SampleFeatures(BundleActor):
     """Rows of sample indices (``id``) -> FID features ``feat`` [B, D] of unconditional samples."""
 
-    def __init__(self, bundle: str, sample_steps: int, latent_steps: int, seed: int, num_gpus: float = 0.0,
-                 precision: str = "fp32", endpoint: str | None = None, fid_feature: str = "inception",
-                 fid_weights: str | None = None):
-        super().__init__(bundle, num_gpus, precision, endpoint, fid_feature, fid_weights)
+    def __init__(self, bundle: str, sample_steps: int, latent_steps: int, seed: int, fid_feature: str,
+                 fid_weights: str | None, num_gpus: float = 0.0, precision: str = "fp32", endpoint: str | None = None):
+        super().__init__(bundle, num_gpus, precision, endpoint, parts=("unet", "latent"))
         self.sample_steps, self.latent_steps, self.seed = sample_steps, latent_steps, seed
+        self.features = fid_features(fid_feature, fid_weights, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         noise, latent_noise = sample_noise(batch["id"], self.model.image_size, self.model.config.z_dim, self.seed)
         x = self.model.sample(len(noise), steps=self.sample_steps, latent_steps=self.latent_steps,
                               noise=noise.to(self.device), latent_noise=latent_noise.to(self.device))
-        return {"feat": self.feats((x.float() + 1) / 2)}
+        return {"feat": self.features((x.float() + 1) / 2).cpu().numpy()}
 
 
 def _grids(bundle: str, images: np.ndarray, steps: Sequence[int], inversion_steps: int | None, sample_steps: int,
            latent_steps: int, seed: int, num_gpus: float, endpoint: str | None) -> dict[str, bytes]:
     """PNG bytes of the reconstruction grid (inputs, then one row per step count) and, with a latent net, of
     samples from fixed noise. Runs as a Ray task (on a GPU when given one)."""
-    model = load_bundle(bundle, device=runtime.inference_device(num_gpus), endpoint=endpoint)
+    model = DiffAE.load(bundle, device=cluster.inference_device(num_gpus), endpoint=endpoint)
     x = torch.from_numpy(images).to(model.device)
     z = model.encode(x)
     rows = [x] + [model.decode(model.encode_stochastic(x, z, steps=inversion_steps or s), z, steps=s) for s in steps]
@@ -240,9 +200,9 @@ def _grids(bundle: str, images: np.ndarray, steps: Sequence[int], inversion_step
     return out
 
 
-# ---- the job ------------------------------------------------------------------------------------
-def _weights_or_reason(enabled: bool, filename: str, env_var: str, path: str | None, what: str) -> tuple[
-        str | None, str | None]:
+# ---- the job's parts --------------------------------------------------------------------------------
+def _weights_or_reason(enabled: bool, filename: str, env_var: str, path: str | None, what: str
+                       ) -> tuple[str | None, str | None]:
     if not enabled:
         return None, f"{what} disabled"
     try:
@@ -251,153 +211,122 @@ def _weights_or_reason(enabled: bool, filename: str, env_var: str, path: str | N
         return None, str(exc)
 
 
-def evaluate(job: EvalJob) -> EvalResult:
-    """Run the evaluation on the connected Ray cluster (``ray.init()`` first if needed); write and return metrics.
+@dataclass
+class _Networks:
+    """The pretrained networks this evaluation can use, or why not (a file that is not on this machine)."""
 
-    Returns an :class:`EvalResult` whose ``metrics`` is also written to ``out/metrics.json``:
-    ``images`` (count), ``reconstruction`` {steps: {mse, psnr, ssim, lpips}}, ``lpips`` and ``fid`` (each
-    with ``status`` "ok" or "skipped" and a ``reason``; FID values under ``fid.autoencoding[steps]`` and
-    ``fid.samples``), ``skipped_images`` and ``grids``.
-    """
-    import ray
+    lpips_weights: str | None
+    lpips_reason: str | None
+    fid_feature: str | None  # None: FID skipped
+    fid_weights: str | None
+    fid_reason: str | None
 
-    from .data import open_images
+    @classmethod
+    def resolve(cls, job: EvalJob) -> _Networks:
+        lpips, lpips_reason = _weights_or_reason(job.lpips, M.ALEXNET_WEIGHTS, M.ALEXNET_WEIGHTS_ENV,
+                                                 job.lpips_weights, "LPIPS")
+        if job.fid and job.fid_feature == "pixels":
+            return cls(lpips, lpips_reason, "pixels", None, None)
+        fid, fid_reason = _weights_or_reason(job.fid, M.FID_INCEPTION_WEIGHTS, M.FID_WEIGHTS_ENV, job.fid_weights, "FID")
+        return cls(lpips, lpips_reason, job.fid_feature if fid_reason is None else None, fid, fid_reason)
 
-    job.validate()
-    job = dataclasses.replace(job, bundle=storage.absolute(job.bundle), data=storage.absolute(job.data),
-                              out=storage.absolute(job.out))  # Ray actors and tasks have their own cwd
-    started = time.time()
-    runtime.ensure_ray()
-    endpoint = runtime.resolve_endpoint(job.endpoint)
-    num_gpus = runtime.resolve_num_gpus(job.num_gpus)
-    config = runtime.bundle_config(job.bundle, endpoint)
-    runtime.save_run_config(job.out, "evaluate", {**dataclasses.asdict(job), "num_gpus": num_gpus}, endpoint)
 
-    lpips_weights, lpips_reason = _weights_or_reason(job.lpips, M.ALEXNET_WEIGHTS, M.ALEXNET_WEIGHTS_ENV,
-                                                     job.lpips_weights, "LPIPS")
-    if job.fid_feature == "pixels" and job.fid:
-        fid_weights, fid_reason = None, None
-    else:
-        fid_weights, fid_reason = _weights_or_reason(job.fid, M.FID_INCEPTION_WEIGHTS, M.FID_WEIGHTS_ENV,
-                                                     job.fid_weights, "FID")
-    fid_feature = job.fid_feature if fid_reason is None else None
+def _fid_metrics(kind: str | None, steps: Sequence[int]) -> dict[str, M.FIDMetric]:
+    """One feature-fed FIDMetric per comparison: "T{s}" (autoencoding at s steps) and "samples"."""
+    if kind is None:
+        return {}
+    dim = PixelFeatures.num_features if kind == "pixels" else 2048
+    return {name: M.FIDMetric(num_features=dim) for name in [*(f"T{s}" for s in steps), "samples"]}
 
-    data = open_images(job.data, config.image_size, split=job.split, holdout=job.holdout, flip=False, crop=job.crop,
-                       s3_endpoint=endpoint)
-    images = data.dataset.limit(job.limit) if job.limit is not None else data.dataset
-    images = images.select_columns(["image", "id"])
-    common = {"bundle": job.bundle, "num_gpus": num_gpus, "precision": job.precision, "endpoint": endpoint,
-              "fid_feature": fid_feature, "fid_weights": fid_weights}
-    per_image = images.map_batches(
-        Reconstructor, fn_constructor_kwargs={**common, "steps": list(job.steps),
-                                              "inversion_steps": job.inversion_steps, "lpips_weights": lpips_weights},
-        batch_size=job.batch_size, compute=ray.data.ActorPoolStrategy(size=job.concurrency), num_gpus=num_gpus,
-        batch_format="numpy",
-    )
+
+def reconstruct(job: EvalJob, images: Any, nets: _Networks, gpus: float, fids: dict[str, M.FIDMetric]
+                ) -> tuple[int, dict[str, Any]]:
+    """(images evaluated, {steps: mean metrics}); adds real and reconstruction features to ``fids``."""
+    per_image = job.map(images, Reconstructor, gpus, bundle=job.bundle, steps=list(job.steps),
+                        inversion_steps=job.inversion_steps, lpips_weights=nets.lpips_weights,
+                        fid_feature=nets.fid_feature, fid_weights=nets.fid_weights)
     sums: dict[str, float] = {}
     count = 0
-    real, recon = FeatureMoments(), {s: FeatureMoments() for s in job.steps}
     for batch in per_image.iter_batches(batch_size=256, batch_format="numpy"):
         count += len(batch["id"])
         for key, values in batch.items():
             if key.split("_T")[0] in RECON_METRICS:
                 sums[key] = sums.get(key, 0.0) + float(np.asarray(values, dtype=np.float64).sum())
-        if fid_feature:
-            real.update(np.stack(batch["feat_real"]))
+        if fids:
+            real = torch.from_numpy(np.stack(batch["feat_real"]))
             for s in job.steps:
-                recon[s].update(np.stack(batch[f"feat_T{s}"]))
+                fids[f"T{s}"].update_features(real, real=True)
+                fids[f"T{s}"].update_features(torch.from_numpy(np.stack(batch[f"feat_T{s}"])), real=False)
+            fids["samples"].update_features(real, real=True)
     if count == 0:
         raise ValueError(f"no images to evaluate in split {job.split!r} of {job.data} (holdout {job.holdout})")
-    reconstruction = {
+    return count, {
         str(s): {"decoding_steps": s, "inversion_steps": job.inversion_steps or s,
                  **{m: (sums[f"{m}_T{s}"] / count if f"{m}_T{s}" in sums else None) for m in RECON_METRICS}}
         for s in job.steps
     }
 
-    fid_report: dict[str, Any] = {"status": "ok" if fid_feature else "skipped", "reason": fid_reason,
-                                  "feature": job.fid_feature, "reference_images": count}
-    if fid_feature:
-        fid_report["autoencoding"] = {str(s): fid(real, recon[s]) for s in job.steps}
-        if _has_latent(job.bundle, endpoint):
-            n = job.num_samples or count
-            sample_feats = ray.data.range(n).map_batches(
-                SampleFeatures, fn_constructor_kwargs={**common, "sample_steps": job.sample_steps,
-                                                       "latent_steps": job.latent_steps, "seed": job.seed},
-                batch_size=job.batch_size, compute=ray.data.ActorPoolStrategy(size=job.concurrency),
-                num_gpus=num_gpus, batch_format="numpy",
-            )
-            fake = FeatureMoments()
-            for batch in sample_feats.iter_batches(batch_size=256, batch_format="numpy"):
-                fake.update(np.stack(batch["feat"]))
-            fid_report.update(samples=fid(real, fake), num_samples=n, sample_steps=job.sample_steps,
-                              latent_steps=job.latent_steps)
-        else:
-            fid_report.update(samples=None, samples_reason="the bundle has no latent DPM: train one with "
-                                                            "`diffae train latent` to sample unconditionally")
 
-    grid_rows = np.stack([r["image"] for r in images.take(job.grid_images)])
-    pngs = ray.get(ray.remote(num_gpus=num_gpus)(_grids).remote(
-        job.bundle, grid_rows, list(job.steps), job.inversion_steps, job.sample_steps, job.latent_steps, job.seed,
-        num_gpus, endpoint))
-    grids = []
+def sample_fid(job: EvalJob, n: int, nets: _Networks, gpus: float, fid: M.FIDMetric) -> dict[str, Any]:
+    """FID of ``n`` unconditional samples against the real features already in ``fid``."""
+    if LATENT not in read_manifest(job.bundle, job.s3_endpoint)["files"]:
+        return {"samples": None,
+                "samples_reason": "the bundle has no latent DPM: train one with `diffae train latent` to sample"}
+    features = job.map(ray.data.range(n), SampleFeatures, gpus, bundle=job.bundle, sample_steps=job.sample_steps,
+                       latent_steps=job.latent_steps, seed=job.seed, fid_feature=nets.fid_feature,
+                       fid_weights=nets.fid_weights)
+    for batch in features.iter_batches(batch_size=256, batch_format="numpy"):
+        fid.update_features(torch.from_numpy(np.stack(batch["feat"])), real=False)
+    return {"samples": fid.compute(), "num_samples": n, "sample_steps": job.sample_steps,
+            "latent_steps": job.latent_steps}
+
+
+def write_grids(job: EvalJob, images: Any, gpus: float) -> list[str]:
+    rows = np.stack([r["image"] for r in images.take(job.grid_images)])
+    pngs = ray.get(ray.remote(num_gpus=gpus)(_grids).remote(
+        job.bundle, rows, list(job.steps), job.inversion_steps, job.sample_steps, job.latent_steps, job.seed, gpus,
+        job.s3_endpoint))
+    uris = []
     for name, png in pngs.items():
-        uri = storage.uri_join(job.out, "grids", name)
-        runtime.write_bytes(uri, png, endpoint)
-        grids.append(uri)
+        uris.append(storage.join(job.out, "grids", name))
+        storage.write_bytes(uris[-1], png, job.s3_endpoint)
+    return uris
 
+
+def evaluate(job: EvalJob) -> EvalResult:
+    """Run the evaluation on the connected Ray cluster (connecting first if needed); write and return metrics.
+
+    ``metrics`` (also ``out/metrics.json``): ``images`` (count), ``reconstruction`` {steps: {mse, psnr, ssim,
+    lpips}}, ``lpips`` and ``fid`` (each with ``status`` "ok" or "skipped" and a ``reason``; FID values under
+    ``fid.autoencoding[steps]`` and ``fid.samples``), ``skipped_images`` and ``grids``.
+    """
+    started = time.time()
+    job = job.prepared()
+    cluster.connect()
+    gpus = cluster.inference_gpus(job.num_gpus)
+    job.save_config(job.out)
+    nets = _Networks.resolve(job)
+    data = job.open_images(read_config(job.bundle, job.s3_endpoint).image_size)
+    images = data.dataset.select_columns(["image", "id"])
+    fids = _fid_metrics(nets.fid_feature, job.steps)
+    count, reconstruction = reconstruct(job, images, nets, gpus, fids)
+    fid: dict[str, Any] = {"status": "ok" if fids else "skipped", "reason": nets.fid_reason,
+                           "feature": job.fid_feature, "reference_images": count}
+    if fids:
+        fid["autoencoding"] = {str(s): fids[f"T{s}"].compute() for s in job.steps}
+        fid.update(sample_fid(job, job.num_samples or count, nets, gpus, fids["samples"]))
     metrics = {
         "bundle": job.bundle, "data": job.data, "split": job.split, "holdout": job.holdout, "images": count,
         "reconstruction": reconstruction,
-        "lpips": {"status": "ok" if lpips_weights else "skipped", "reason": lpips_reason},
-        "fid": fid_report,
-        "skipped_images": data.skips.count(),
-        "grids": grids,
+        "lpips": {"status": "ok" if nets.lpips_weights else "skipped", "reason": nets.lpips_reason},
+        "fid": fid, "skipped_images": data.skips.count(), "grids": write_grids(job, images, gpus),
         "seconds": round(time.time() - started, 1),
     }
-    runtime.write_json(storage.uri_join(job.out, "metrics.json"), metrics, endpoint)
-    return EvalResult(out=job.out, metrics=metrics, grids=grids)
+    storage.write_json(storage.join(job.out, "metrics.json"), metrics, job.s3_endpoint)
+    return EvalResult(out=job.out, metrics=metrics, grids=metrics["grids"])
 
 
-def _has_latent(bundle: str, endpoint: str | None) -> bool:
-    from diffae_core.bundle import LATENT, read_manifest
-
-    return LATENT in read_manifest(bundle, endpoint)["files"]
-
-
-# ---- command line -------------------------------------------------------------------------------
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--bundle", required=True, help="the bundle to evaluate (path or s3://)")
-    runtime.add_data_flags(p, split="heldout", holdout=0.1)
-    p.add_argument("--out", required=True, help="output directory (path or s3://) for metrics.json and grids/")
-    p.add_argument("--steps", type=int, nargs="+", default=[10], help="DDIM decoding steps (one evaluation each)")
-    p.add_argument("--inversion-steps", type=int, help="DDIM inversion steps (default: the decoding steps)")
-    p.add_argument("--no-lpips", dest="lpips", action="store_false", help="skip LPIPS")
-    p.add_argument("--no-fid", dest="fid", action="store_false", help="skip FID")
-    p.add_argument("--fid-feature", choices=FEATURES, default="inception",
-                   help="'pixels': a weight-free stand-in for Inception (smoke tests; not FID)")
-    p.add_argument("--fid-weights", help="Inception weights file (default: $DIFFAE_FID_WEIGHTS, $TORCH_HOME)")
-    p.add_argument("--lpips-weights", help="AlexNet weights file (default: $DIFFAE_ALEXNET_WEIGHTS, $TORCH_HOME)")
-    p.add_argument("--num-samples", type=int, help="unconditional samples for FID (default: the number of images)")
-    p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the decoder when sampling")
-    p.add_argument("--latent-steps", type=int, default=20, help="DDIM steps of the latent DPM when sampling")
-    p.add_argument("--grid-images", type=int, default=8, help="images per grid row")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
-    runtime.add_inference_flags(p, batch_size=32)
-    runtime.add_storage_flags(p)
-    return p
-
-
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    args = build_parser(prog).parse_args(argv)
-    job = EvalJob(bundle=args.bundle, data=args.data, out=args.out, split=args.split, holdout=args.holdout,
-                  limit=args.limit, crop=args.crop, steps=tuple(args.steps), inversion_steps=args.inversion_steps,
-                  lpips=args.lpips, fid=args.fid, fid_feature=args.fid_feature, fid_weights=args.fid_weights,
-                  lpips_weights=args.lpips_weights, num_samples=args.num_samples, sample_steps=args.sample_steps,
-                  latent_steps=args.latent_steps, grid_images=args.grid_images, batch_size=args.batch_size,
-                  concurrency=args.concurrency, num_gpus=args.num_gpus, precision=args.precision, seed=args.seed,
-                  endpoint=args.s3_endpoint)
+def _run(job: EvalJob) -> dict[str, Any]:
     result = evaluate(job)
     for steps, values in result.metrics["reconstruction"].items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k in RECON_METRICS and v is not None)
@@ -405,9 +334,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     for name in ("lpips", "fid"):
         if result.metrics[name]["status"] == "skipped":
             print(f"{name} skipped: {result.metrics[name]['reason']}")
-    print(json.dumps(runtime.json_safe(result.metrics)))
-    return 0
+    return result.metrics
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    return jobkit.run_cli(EvalJob, argv, prog, _run)
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m pipelines.evaluate"))
+    raise SystemExit(main(prog="python -m pipelines.evaluate"))

@@ -11,25 +11,34 @@ checkpoint other than the last, or for the online (non-EMA) weights.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
-import posixpath
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
-import pyarrow.fs as pafs
 import torch
 
-from diffae_core import DiffAE
-from diffae_core.bundle import save_bundle
+from diffae_core import DiffAE, storage
 from diffae_core.config import ModelConfig
 
-from . import runtime, storage
-from .autoencoder_worker import CHECKPOINT_FORMAT, STATE_FILE
+from . import jobkit
+from .jobkit import option
+from .train_autoencoder import CHECKPOINT_FORMAT
+from .training import CHECKPOINT_PREFIX, STATE_FILE
 
-CHECKPOINT_PREFIX = "checkpoint-"
+
+@dataclass(kw_only=True)
+class ExportJob(jobkit.JobConfig):
+    """Export a bundle (EMA weights) from a training run's checkpoint."""
+
+    job_name: ClassVar[str] = "export"
+
+    run: str = option(positional=True, path=True, help="run directory STORAGE/NAME (path or s3://) of `diffae train autoencoder`")
+    out: str | None = option(None, path=True, help="bundle to write (default: RUN/bundle)")
+    checkpoint: str | None = option(None, help="checkpoint directory name in RUN or its URI (default: the latest)")
+    weights: str = option("ema", choices=("ema", "online"), help="which weights to export")
+    list_only: bool = option(False, flag="--list", help="list the run's checkpoints and exit")
 
 
 @dataclass
@@ -43,20 +52,14 @@ class ExportResult:
 
 def list_checkpoints(run: str, endpoint: str | None = None) -> list[str]:
     """Checkpoint directory names in ``run`` that hold a training state, oldest first (by step)."""
-    fs, path = storage.filesystem(run, endpoint)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"run directory {run} does not exist")
-    names = []
-    for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
-        name = posixpath.basename(info.path)
-        if name.startswith(CHECKPOINT_PREFIX) and storage.exists(fs, storage.join(info.path, STATE_FILE)):
-            names.append(name)
+    names = [name for name in storage.list_dirs(run, endpoint) if name.startswith(CHECKPOINT_PREFIX)
+             and storage.exists(storage.join(run, name, STATE_FILE), endpoint)]
     return sorted(names)  # checkpoint-step00000012: zero-padded, so name order is step order
 
 
 def load_training_state(checkpoint: str, endpoint: str | None = None) -> dict:
     """The ``state.pt`` of a checkpoint directory URI (tensors and plain values only: weights_only=True)."""
-    data = runtime.read_bytes(storage.uri_join(checkpoint, STATE_FILE), endpoint)
+    data = storage.read_bytes(storage.join(checkpoint, STATE_FILE), endpoint)
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{checkpoint} is not a train_autoencoder checkpoint (format {state.get('format')!r})")
@@ -73,50 +76,38 @@ def export_bundle(run: str, out: str | None = None, *, checkpoint: str | None = 
     """
     if weights not in ("ema", "online"):
         raise ValueError(f"weights must be 'ema' or 'online', got {weights!r}")
-    endpoint = runtime.resolve_endpoint(endpoint)
+    endpoint = storage.s3_endpoint(endpoint)
     if checkpoint is None:
         found = list_checkpoints(run, endpoint)
         if not found:
-            raise FileNotFoundError(f"{run} holds no checkpoint-*/{STATE_FILE}: nothing to export")
+            raise FileNotFoundError(f"{run} holds no {CHECKPOINT_PREFIX}*/{STATE_FILE}: nothing to export")
         checkpoint = found[-1]
     if "/" not in checkpoint:
-        checkpoint = storage.uri_join(run, checkpoint)
+        checkpoint = storage.join(run, checkpoint)
     state = load_training_state(checkpoint, endpoint)
-    resolved = json.loads(state["config"])
-    model = DiffAE(ModelConfig.from_dict(resolved["model"]))
-    if weights == "ema":
-        model.load_state_dict(state["ema"]["shadow"])
-    else:
-        model.load_state_dict(state["model"])
-    out = out or storage.uri_join(run, "bundle")
-    save_bundle(model.eval(), out, endpoint)
+    model = DiffAE(ModelConfig.from_dict(json.loads(state["config"])["model"]))
+    model.load_state_dict(state["ema"]["shadow"] if weights == "ema" else state["model"])
+    out = out or storage.join(run, "bundle")
+    model.eval().save(out, endpoint)
     return ExportResult(bundle=out, checkpoint=checkpoint, step=int(state["step"]),
                         samples_seen=int(state["samples_seen"]), weights=weights)
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run", help="run directory STORAGE/NAME (path or s3://) of `diffae train autoencoder`")
-    p.add_argument("--out", help="bundle to write (default: RUN/bundle)")
-    p.add_argument("--checkpoint", help="checkpoint directory name in RUN or its URI (default: the latest)")
-    p.add_argument("--weights", choices=["ema", "online"], default="ema", help="which weights to export")
-    p.add_argument("--list", action="store_true", help="list the run's checkpoints and exit")
-    runtime.add_storage_flags(p)
-    return p
+def _run(job: ExportJob) -> dict[str, Any]:
+    job = job.prepared()
+    if job.list_only:
+        names = list_checkpoints(job.run, job.s3_endpoint)
+        print("\n".join(names))
+        return {"run": job.run, "checkpoints": names}
+    result = export_bundle(job.run, job.out, checkpoint=job.checkpoint, weights=job.weights, endpoint=job.s3_endpoint)
+    print(f"exported the {result.weights} weights of {result.checkpoint} (step {result.step}, "
+          f"{result.samples_seen} samples) to {result.bundle}")
+    return vars(result)
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    args = build_parser(prog).parse_args(argv)
-    if args.list:
-        print("\n".join(list_checkpoints(args.run, runtime.resolve_endpoint(args.s3_endpoint))))
-        return 0
-    result = export_bundle(args.run, args.out, checkpoint=args.checkpoint, weights=args.weights,
-                           endpoint=args.s3_endpoint)
-    print(f"exported the {result.weights} weights of {result.checkpoint} (step {result.step}, "
-          f"{result.samples_seen} samples) to {result.bundle}")
-    return 0
+    return jobkit.run_cli(ExportJob, argv, prog, _run, needs_ray=False)
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m pipelines.export"))
+    raise SystemExit(main(prog="python -m pipelines.export"))

@@ -1,278 +1,282 @@
-"""Train a Diff-AE autoencoder with Ray Train (DDP over N workers, CPU or GPU) fed by Ray Data.
+"""Train a Diff-AE autoencoder with Ray Train (DDP over N workers, or elastic MIN-MAX, CPU or GPU) fed by Ray Data.
 
-    python -m pipelines.train_autoencoder --data DATA --storage RUNS [--preset ffhq64] [--num-workers N] ...
+    python -m pipelines.train_autoencoder --data DATA --storage RUNS [--preset ffhq64] [--num-workers N|MIN-MAX]
 
 The official recipe by default (Adam 1e-4, gradient clip 1.0, EMA 0.9999, the preset's global batch and
-sample budget); every knob can be overridden by a flag or a YAML/JSON ``--config`` file (keys: the
-flags' names with underscores, ``preset``, a partial ``model`` mapping of ModelConfig fields, and the
-recipe's ``TrainConfig`` fields). Precedence: preset < config file < flags. The run lives in
-``STORAGE/NAME`` (local or ``s3://``): ``config.json`` (resolved settings), Ray Train checkpoints,
-``grids/step-*.png`` (inputs / EMA reconstructions / decodes from fixed noise), ``summary.json`` and, at
-the end, ``bundle/`` (EMA weights, loadable with ``DiffAE.load``). A failed worker group restarts
-from the latest checkpoint (up to ``--max-failures`` times); ``--resume NAME`` continues a stopped run
-to exactly its planned sample count.
+sample budget); every knob can be overridden by a flag or a YAML/JSON ``--config`` file (this job's settings,
+``preset``, a partial ``model`` mapping of ModelConfig fields, recipe fields flat). The run lives in
+``STORAGE/NAME`` (local or ``s3://``): ``config.json``, Ray Train checkpoints, ``grids/step-*.png`` (inputs /
+EMA reconstructions / decodes of their z_sem from fixed noise), ``summary.json`` and, at the end, ``bundle/``
+(EMA weights, loadable with ``DiffAE.load``). A failed worker group restarts from the latest checkpoint (up
+to ``--max-failures`` times; an elastic run continues with the workers that are left and grows back when
+nodes return); ``--resume NAME`` continues a stopped run to exactly its planned sample count.
+
+Each step the global RNG is re-seeded from (seed, rank, step), so a resumed run draws the same timesteps,
+noise and dropout as an uninterrupted one; see pipelines.training for the sample accounting.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
+import io
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from diffae_core.config import PRESETS, ModelConfig, TrainConfig, get_preset
+import torch
+
+from diffae_core import DiffAE, storage
+from diffae_core.config import PRESETS, ModelConfig, get_preset
 from diffae_core.diffusion import PREDICTIONS
+from diffae_core.images import make_grid
 
-from . import runtime, storage
-from .data import CROPS
+from . import cluster, jobkit
+from .data import CROPS, open_images, source_uri
+from .jobkit import Flag, option
+from .streams import Position, ShardStream, reshard
+from .training import (
+    LoopContext,
+    Optimization,
+    RayTrainContext,
+    Schedule,
+    StepOutput,
+    TrainerJob,
+    TrainTask,
+    derived_seed,
+    run_loop,
+)
 
 DEFAULT_PRESET = "ffhq64"
-JOB = "train_autoencoder"
+CHECKPOINT_FORMAT = "diffae-ray-autoencoder-checkpoint"
 
 
-@dataclass
-class TrainJobConfig:
-    """Everything an autoencoder run needs. ``model.train`` is the optimisation recipe."""
+@dataclass(kw_only=True)
+class TrainJobConfig(TrainerJob):
+    """Train a Diff-AE autoencoder with Ray Train, fed by Ray Data. ``model.train`` is the optimisation recipe."""
 
-    data: str  # image source, see pipelines.data (folder | parquet | s3:// | shapes[:N] | fashion-mnist | digits)
-    storage: str = "runs"  # runs root, local path or s3://bucket/prefix; the run lives in storage/name
-    name: str = ""  # run name ("" = autoencoder-<timestamp>)
-    model: ModelConfig = field(default_factory=lambda: get_preset(DEFAULT_PRESET))
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    precision: str = "auto"  # auto (bf16 on GPU if supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
-    checkpoint_every: int = 100_000  # samples between checkpoints (official save_every_samples)
-    grid_every: int = 20_000  # samples between PNG grids (official sample_every_samples)
-    log_every: int = 10  # steps between progress updates / reported metrics
-    progress_bar: bool = True  # rank 0 draws a bar (loss, images/s); without it, a log line per log_every
-    max_failures: int = 3  # worker-group restarts before the run fails
-    keep_checkpoints: int = 2
-    s3_endpoint: str | None = None  # resolved on the driver and handed to the workers
-    crop: str = "center"  # or "celeba-d2c"
-    flip: bool = True  # random horizontal flip
-    holdout: float = 0.0  # train on images outside this held-out fraction (see pipelines.data.is_heldout)
-    shuffle_buffer: int = 0  # rows in each worker's local shuffle buffer (0 = 4 local batches)
-    grid_images: int = 8
-    grid_steps: int = 20  # DDIM steps for the grids' inversion and decoding
-    resume: bool = False  # continue the run storage/name (which must exist)
-    ledger_dir: str | None = None  # audit: each rank appends one JSON line per step (ids, samples) here
-    fault_injection_step: int = 0  # test only: the last rank exits at this step unless resuming
+    job_name: ClassVar[str] = "train_autoencoder"
+    recipe_path: ClassVar[str] = "model.train"
+    base_keys: ClassVar[tuple[str, ...]] = ("preset", "resume_run")
+    extra_flags: ClassVar[tuple[Flag, ...]] = (
+        Flag("--preset", "preset", f"model preset (default: {DEFAULT_PRESET})", choices=sorted(PRESETS)),
+        Flag("--image-size", "model.unet.image_size", "override the preset's image size", type=int),
+        Flag("--prediction", "model.diffusion.prediction",
+             "what the decoder predicts: eps (official presets) or v (demo16; learns z_sem faster)", choices=PREDICTIONS),
+        Flag("--resume", "resume_run", "continue the stopped run STORAGE/RUN with its saved settings "
+             "(flags given now override them, e.g. --max-samples)", metavar="RUN"),
+    )
 
-    @property
-    def run_dir(self) -> str:
-        return storage.uri_join(self.storage, self.name)
+    data: str = option(help="images: folder | parquet | s3:// URI | shapes[:N] | fashion-mnist[:t10k] | digits",
+                       path=source_uri)
+    model: ModelConfig = option(default_factory=lambda: get_preset(DEFAULT_PRESET), cli=False,
+                                help="the model and its recipe (a preset, then --config's `model` mapping)")
+    precision: str = option("auto", choices=("auto", *cluster.PRECISIONS),
+                            help="auto: bf16 (or fp16) autocast on GPU, fp32 on CPU")
+    grid_every: int = option(20_000, help="samples between PNG grids (official sample_every_samples)")
+    crop: str = option("center", choices=CROPS, help="'celeba-d2c': the official CelebA crop")
+    flip: bool = option(True, help="random horizontal flip")
+    holdout: float = option(0.0, help="leave out this fraction of images (by id hash) for evaluation")
+    shuffle_buffer: int = option(0, help="rows per worker's local shuffle buffer (0 = 4 local batches)")
+    grid_images: int = option(8, help="images per grid row")
+    grid_steps: int = option(20, help="DDIM steps for the grids' inversion and decoding")
+    resume: bool = option(False, cli=False, help="continue the run storage/name (set by --resume RUN)")
+    ledger_dir: str | None = option(None, cli=False, path=True,
+                                    help="audit: each rank appends one JSON line per step (ids, samples) here")
+    fault_injection_step: int = option(0, cli=False, help="test only: the last rank exits at this step")
 
-    def settings(self) -> dict[str, Any]:
-        """The job fields (without the model) as JSON-ready values."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+    @classmethod
+    def base(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """A preset's model and recipe, or with --resume the saved settings of that run."""
+        run = given.get("resume_run")
+        if run:
+            root = given.get("storage", "runs")
+            saved = storage.read_json(storage.join(root, run, "config.json"), storage.s3_endpoint(given.get("s3_endpoint")))
+            return {**saved["config"], "storage": root, "name": run, "resume": True}
+        return {"model": get_preset(given.get("preset") or DEFAULT_PRESET).to_dict()}
 
     def validate(self) -> None:
+        low, high = cluster.worker_range(self.num_workers)
         recipe = self.model.train
-        w = self.num_workers
-        if w < 1:
-            raise ValueError(f"num_workers must be >= 1, got {w}")
-        if recipe.batch_size % w or recipe.total_samples % w:
-            raise ValueError(
-                f"the global batch ({recipe.batch_size}) and the sample budget ({recipe.total_samples}) must be "
-                f"multiples of the number of workers ({w}), so every worker trains on the same number of images"
-            )
-        if self.precision not in ("auto", *runtime.PRECISIONS):
+        if recipe.batch_size < high or recipe.total_samples < 1:
+            raise ValueError(f"the global batch ({recipe.batch_size}) must be at least the number of workers "
+                             f"({high}) and the sample budget positive ({recipe.total_samples})")
+        if self.precision not in ("auto", *cluster.PRECISIONS):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
-        for name in ("checkpoint_every", "grid_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        Schedule(recipe.total_samples, recipe.batch_size, self.checkpoint_every, self.log_every, self.grid_every)
 
 
 @dataclass
 class TrainResult:
     run_dir: str
     bundle: str
-    metrics: dict[str, Any]  # the last metrics rank 0 reported (step, samples_seen, loss, images_per_second, ...)
+    metrics: dict[str, Any]  # the last metrics rank 0 reported (step, samples_seen, loss, samples_per_second, ...)
     summary: dict[str, Any]  # what summary.json holds
-    checkpoint: str | None  # URI-less path of the latest checkpoint in its storage filesystem
+    checkpoint: str | None  # path of the latest checkpoint inside its storage filesystem
 
 
-def train_autoencoder(job: TrainJobConfig) -> TrainResult:
-    """Run (or resume) a training job on the connected Ray cluster; ``ray.init()`` first if needed."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+# ---- inside each Ray Train worker --------------------------------------------------------------
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--precision`` on ``device`` (None: fp32)."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    dtype = cluster.PRECISIONS[precision]
+    if dtype is torch.float16 and device.type != "cuda":
+        raise ValueError("fp16 training needs a GPU; use --precision fp32 or bf16 on CPU")
+    return dtype
 
-    from .autoencoder_worker import train_worker
-    from .data import open_images
-    from .ray_logs import tolerate_replayed_bar_updates
 
-    if job.progress_bar:
-        tolerate_replayed_bar_updates()  # rank 0's bar is drawn here, on the driver
+class _Loss(torch.nn.Module):
+    """DiffAE.training_loss as a module's forward, so DDP's gradient hooks see the call."""
 
-    job = dataclasses.replace(job, name=job.name or runtime.default_run_name("autoencoder"),
-                              storage=storage.absolute(job.storage), data=storage.absolute(job.data),
-                              ledger_dir=storage.absolute(job.ledger_dir))
-    job.validate()
-    runtime.ensure_ray()
-    endpoint = runtime.resolve_endpoint(job.s3_endpoint)
-    config_uri = storage.uri_join(job.run_dir, "config.json")
-    exists = runtime.exists(config_uri, endpoint)
+    def __init__(self, model: DiffAE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.model.training_loss(x0)
+
+
+class AutoencoderTask(TrainTask):
+    """The autoencoder's side of the shared loop: a Ray Data shard, DiffAE's loss, grids and the bundle."""
+
+    def __init__(self, job: TrainJobConfig, ctx: LoopContext, skips: Any) -> None:
+        self.job, self.ctx, self.skips = job, ctx, skips
+        recipe = job.model.train
+        self.dtype = autocast_dtype(job.precision, ctx.device)
+        torch.manual_seed(recipe.seed)  # identical initial weights on every rank
+        self.model = DiffAE(job.model).to(ctx.device).train()
+        self.opt = Optimization(self.model, recipe, fp16=self.dtype is torch.float16)
+        self.loss = ctx.prepare(_Loss(self.model))
+        self.start, self.stream = Position(), None
+        self.grid_images: torch.Tensor | None = None
+
+    def _stream(self) -> ShardStream:
+        if self.stream is None:  # after restore(): the checkpoint says where to start
+            import ray.train
+
+            local = -(-self.job.model.train.batch_size // self.ctx.world)
+            self.stream = ShardStream(ray.train.get_dataset_shard("train"), self.ctx, self.job.model.train.seed,
+                                      local, self.job.shuffle_buffer or 4 * local, self.start)
+        return self.stream
+
+    def step(self, n: int, weight: float, step: int) -> StepOutput:
+        x, ids, epochs = self._stream().take(n)
+        if x is None:  # no rows for this rank on a short last step: a zero-weight stand-in joins DDP's all-reduce
+            size = self.job.model.image_size
+            x, weight = torch.zeros(1, 3, size, size), 0.0
+        elif self.grid_images is None:
+            self.grid_images = x[: self.job.grid_images].clone()
+        torch.manual_seed(derived_seed(self.job.model.train.seed, self.ctx.rank, step))  # t, noise, dropout
+        with torch.autocast(self.ctx.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            loss = self.loss(x.to(self.ctx.device, non_blocking=True))
+        self.opt.step(loss * weight, step)
+        return StepOutput(loss.detach().float(), ids, epochs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(), **self.opt.state_dict(),
+                "grid_images": self.grid_images}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state)
+        self.grid_images = state["grid_images"].cpu() if state.get("grid_images") is not None else None
+
+    def local_state(self) -> dict[str, int]:
+        return dataclasses.asdict(self.stream.position if self.stream is not None else self.start)
+
+    def load_local_states(self, states: Sequence[Any], rank: int, world: int) -> None:
+        self.start = Position(**states[rank]) if len(states) == world else reshard(states, world)
+
+    def on_report(self, metrics: dict[str, Any], grid: bool) -> None:
+        metrics["epoch"] = self.stream.position.epoch
+        metrics["skipped_images"] = self.skips.count()
+        if grid and self.grid_images is not None and len(self.grid_images):
+            uri = storage.join(self.job.run_dir, "grids", f"step-{metrics['step']:08d}.png")
+            storage.write_bytes(uri, grid_png(self.opt.ema.shadow, self.grid_images, self.job.model.train.seed,
+                                              self.job.grid_steps), self.job.s3_endpoint)
+
+    def export(self) -> None:
+        self.opt.ema.shadow.save(storage.join(self.job.run_dir, "bundle"), self.job.s3_endpoint)
+
+
+def grid_png(model: DiffAE, images: torch.Tensor, seed: int, steps: int) -> bytes:
+    """PNG rows: inputs [n,3,S,S], their reconstructions (DDIM inversion + decoding) and decodes of their
+    z_sem from fixed noise."""
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).to(model.device)
+    x = images.to(model.device)
+    z = model.encode(x)
+    recon = model.decode(model.encode_stochastic(x, z, steps=steps), z, steps=steps)
+    samples = model.decode(noise, z, steps=steps)
+    buf = io.BytesIO()
+    make_grid(torch.cat([x, recon, samples]).cpu(), nrow=len(images), upscale=max(1, 64 // images.shape[-1])).save(
+        buf, format="PNG")
+    return buf.getvalue()
+
+
+def schedule(job: TrainJobConfig) -> Schedule:
+    recipe = job.model.train
+    return Schedule(recipe.total_samples, recipe.batch_size, job.checkpoint_every, job.log_every, job.grid_every,
+                    config=job.to_dict(), ledger_dir=job.ledger_dir, fault_injection_step=job.fault_injection_step)
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point of each worker."""
+    job: TrainJobConfig = config["job"]
+    ctx = RayTrainContext(job.name)
+    run_loop(AutoencoderTask(job, ctx, config["skips"]), ctx, schedule(job), config["progress"])
+
+
+# ---- on the driver -------------------------------------------------------------------------------
+def _check_run_dir(job: TrainJobConfig) -> None:
+    exists = storage.exists(storage.join(job.run_dir, "config.json"), job.s3_endpoint)
     if exists and not job.resume:
         raise FileExistsError(f"run {job.run_dir} already exists: continue it with --resume {job.name}, "
                               "or choose another --name")
     if job.resume and not exists:
         raise FileNotFoundError(f"no run to resume at {job.run_dir} (it has no config.json)")
-    resolved = {"settings": job.settings(), "model": job.model.to_dict()}
-    runtime.save_run_config(job.run_dir, JOB, resolved, endpoint)
 
+
+def train_autoencoder(job: TrainJobConfig) -> TrainResult:
+    """Run (or resume) a training job on the connected Ray cluster (connecting first if needed)."""
+    job = job.named("autoencoder").prepared()
+    cluster.connect()
+    _check_run_dir(job)
+    job.save_config(job.run_dir)
     recipe = job.model.train
     data = open_images(job.data, job.model.image_size, split="train", holdout=job.holdout, flip=job.flip,
-                       crop=job.crop, s3_endpoint=endpoint, seed=recipe.seed, shuffle_seed=recipe.seed)
-    storage_path, storage_fs = storage.ray_storage(job.storage, endpoint)
-    resources = {"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"job": job, "run_dir": job.run_dir, "endpoint": endpoint, "skips": data.skips,
-                           "resolved_config": resolved},
-        scaling_config=ray.train.ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=job.name, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep_checkpoints),
-        ),
-        datasets={"train": data.dataset},
-    )
-    start = time.time()
-    result = trainer.fit()
+                       crop=job.crop, s3_endpoint=job.s3_endpoint, seed=recipe.seed, shuffle_seed=recipe.seed)
+    started = time.time()
+    result = job.fit(_worker, {"job": job, "skips": data.skips}, {"train": data.dataset},
+                     job.console("train", recipe.total_samples, recipe.batch_size, "img"))
     metrics = dict(result.metrics or {})
-    skips = data.skips.summary()
-    bundle = storage.uri_join(job.run_dir, "bundle")
     summary = {
-        "run_dir": job.run_dir,
-        "bundle": bundle,
-        "samples_seen": metrics.get("samples_seen"),
-        "total_samples": recipe.total_samples,
-        "steps": metrics.get("step"),
-        "epochs": metrics.get("epoch"),
-        "loss": metrics.get("loss"),
-        "images_per_second": metrics.get("images_per_second"),
-        "num_workers": job.num_workers,
-        "seconds": round(time.time() - start, 1),
-        "skipped_images": skips["skipped"],
-        "skipped_examples": skips["skipped_examples"],
+        "run_dir": job.run_dir, "bundle": storage.join(job.run_dir, "bundle"),
+        "samples_seen": metrics.get("samples_seen"), "total_samples": recipe.total_samples,
+        "steps": metrics.get("step"), "epochs": metrics.get("epoch"), "loss": metrics.get("loss"),
+        "images_per_second": metrics.get("samples_per_second"), "num_workers": job.num_workers,
+        "seconds": round(time.time() - started, 1), **data.skips.job_summary(),
     }
-    runtime.write_json(storage.uri_join(job.run_dir, "summary.json"), summary, endpoint)
+    storage.write_json(storage.join(job.run_dir, "summary.json"), summary, job.s3_endpoint)
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    return TrainResult(job.run_dir, bundle, metrics, summary, checkpoint)
+    return TrainResult(job.run_dir, summary["bundle"], metrics, summary, checkpoint)
 
 
-# ---- command line -----------------------------------------------------------------------------
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", help="images: folder | parquet | s3:// URI | shapes[:N] | fashion-mnist[:t10k] | "
-                                  "digits (required unless --resume)")
-    p.add_argument("--storage", help="runs root: local folder or s3://bucket/prefix (default: runs)")
-    p.add_argument("--name", help="run name (default: autoencoder-<timestamp>)")
-    p.add_argument("--resume", metavar="RUN", help="continue the stopped run STORAGE/RUN with its saved config "
-                                                   "(flags given now override it, e.g. --max-samples)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help=f"model preset (default: {DEFAULT_PRESET})")
-    p.add_argument("--image-size", type=int, help="override the preset's image size")
-    p.add_argument("--prediction", choices=PREDICTIONS,
-                   help="what the decoder predicts: eps (official presets) or v (demo16; learns z_sem faster)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
-    runtime.add_train_flags(p)  # --config, --batch-size, --lr, ..., --max-samples, --seed
-    p._option_string_actions["--config"].help = (
-        "YAML/JSON file: any of this job's settings (flag names with underscores), 'preset', a partial "
-        "'model' mapping of ModelConfig fields, and recipe fields (batch_size, lr, ...); flags win over it")
-    g = p.add_argument_group("schedule")
-    g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps (official: 0)")
-    g.add_argument("--checkpoint-every", type=int, help="samples between checkpoints (default: 100000)")
-    g.add_argument("--grid-every", type=int, help="samples between PNG grids (default: 20000)")
-    g.add_argument("--log-every", type=int, help="steps between progress lines and reported metrics (default: 10)")
-    g.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", default=None,
-                   help="a log line every --log-every steps instead of a progress bar")
-    g.add_argument("--grid-images", type=int, help="images per grid row (default: 8)")
-    g.add_argument("--grid-steps", type=int, help="DDIM steps for the grids (default: 20)")
-    g = p.add_argument_group("cluster")
-    g.add_argument("--num-workers", type=int, help="Ray Train workers (default: 1)")
-    g.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
-    g.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: 1)")
-    g.add_argument("--precision", choices=["auto", *runtime.PRECISIONS],
-                   help="auto: bf16 (or fp16) autocast on GPU, fp32 on CPU (default: auto)")
-    g.add_argument("--max-failures", type=int, help="worker-group restarts from the last checkpoint (default: 3)")
-    g.add_argument("--keep-checkpoints", type=int, help="checkpoints kept in the run directory (default: 2)")
-    g = p.add_argument_group("data")
-    g.add_argument("--crop", choices=CROPS, help="'celeba-d2c': the official CelebA crop (default: center)")
-    g.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="no random horizontal flip")
-    g.add_argument("--holdout", type=float, help="leave out this fraction of images (by id hash) for evaluation")
-    g.add_argument("--shuffle-buffer", type=int, help="rows per worker's local shuffle buffer (0 = 4 batches)")
-    runtime.add_storage_flags(p)
-    return p
-
-
-_MODEL_KEYS = {"preset", "model"}
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def resolve_job(args: argparse.Namespace) -> TrainJobConfig:
-    """Flags + optional config file (or the saved config of the run being resumed) -> a TrainJobConfig."""
-    endpoint = runtime.resolve_endpoint(args.s3_endpoint)
-    job_fields = {f.name for f in dataclasses.fields(TrainJobConfig)} - {"model"}
-    recipe_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    if args.resume:
-        root = args.storage or "runs"
-        saved = runtime.read_json(storage.uri_join(root, args.resume, "config.json"), endpoint)["config"]
-        settings, model_dict = dict(saved["settings"]), saved["model"]
-        settings.update(storage=root, name=args.resume, resume=True)
-        file: dict[str, Any] = {}
-    else:
-        file = runtime.read_overrides(args.config, endpoint)
-        unknown = sorted(set(file) - job_fields - recipe_fields - _MODEL_KEYS)
-        if unknown:
-            raise ValueError(f"{args.config}: unknown setting(s) {unknown}; known: "
-                             f"{sorted(job_fields | recipe_fields | _MODEL_KEYS)}")
-        settings = {k: v for k, v in file.items() if k in job_fields}
-        model_dict = get_preset(args.preset or file.get("preset") or DEFAULT_PRESET).to_dict()
-        model_dict = _merge(model_dict, file.get("model") or {})
-    if args.image_size is not None:
-        model_dict = _merge(model_dict, {"unet": {"image_size": args.image_size}})
-    if args.prediction is not None:
-        model_dict = _merge(model_dict, {"diffusion": {"prediction": args.prediction}})
-    model = ModelConfig.from_dict(model_dict)
-    file_recipe = {k: v for k, v in file.items() if k in recipe_fields}
-    model.train = runtime.resolve_train_config(model.train, file_recipe, **runtime.train_flags(args),
-                                               warmup_steps=args.warmup_steps)
-    flags = {name: getattr(args, name, None) for name in job_fields if name not in ("resume", "name", "storage")}
-    settings.update({k: v for k, v in flags.items() if v is not None})
-    if not args.resume:
-        settings.update({k: v for k, v in (("name", args.name), ("storage", args.storage)) if v is not None})
-    if not settings.get("data"):
-        raise SystemExit("error: --data is required (or --resume RUN)")
-    return TrainJobConfig(model=model, **settings)
+def _run(job: TrainJobConfig) -> dict[str, Any]:
+    result = train_autoencoder(job)
+    s = result.summary
+    print(f"trained {s['samples_seen']} samples in {s['steps']} steps ({s['seconds']} s); skipped "
+          f"{s['skipped_images']} unreadable image(s); bundle: {result.bundle}", flush=True)
+    return s
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    args = build_parser(prog).parse_args(argv)
-    job = resolve_job(args)
-    if args.print_config:
-        print(json.dumps({"settings": job.settings(), "model": job.model.to_dict()}, indent=2))
-        return 0
-    result = train_autoencoder(job)
-    print(f"trained {result.summary['samples_seen']} samples in {result.summary['steps']} steps "
-          f"({result.summary['seconds']} s); skipped {result.summary['skipped_images']} unreadable image(s); "
-          f"bundle: {result.bundle}")
-    print(json.dumps(runtime.json_safe(result.summary)))
-    return 0
+    return jobkit.run_cli(TrainJobConfig, argv, prog, _run, description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m pipelines.train_autoencoder"))
+    raise SystemExit(main(prog="python -m pipelines.train_autoencoder"))

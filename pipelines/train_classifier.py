@@ -17,50 +17,59 @@ default, or ``--out``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
-import json
-import math
-import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc, binary_f1_score
 
+from diffae_core import storage
 from diffae_core.config import TrainConfig
 
-from . import runtime, storage
-from .infer_latents import ID_COLUMN, Z_COLUMN, autoencoder_sha256, read_latents, read_stats, z_array
+from . import jobkit
+from .jobkit import option
+from .latents import (
+    ID_COLUMN,
+    Z_COLUMN,
+    attach_to_bundle,
+    check_same_autoencoder,
+    read_latents,
+    read_stats,
+    z_array,
+)
+from .progress import ConsoleProgress
+from .streams import EpochSampler
+from .training import LocalContext, Optimization, Schedule, StepOutput, TrainTask, run_loop
 
 # The official classifier recipe (templates_cls.py, experiment_classifier.py): no clipping, no weight decay.
 CLASSIFIER_RECIPE = TrainConfig(batch_size=32, lr=1e-3, optimizer="adam", weight_decay=0.0, grad_clip=0.0,
                                 total_samples=300_000)
 SPLIT_SALT = "classifier-heldout:"
+LOG_EVERY = 1000  # steps between progress lines
 
 
-@dataclass
-class ClassifierJob:
-    """Everything a classifier run needs; saved as the run's resolved config."""
+@dataclass(kw_only=True)
+class ClassifierJob(jobkit.RunDir):
+    """Train a linear attribute head on z_sem and add it to a bundle."""
 
-    bundle: str
-    latents: str
-    storage: str
-    name: str
-    out: str | None = None  # bundle to write; None = add the head to `bundle` in place
-    attributes: list[str] | None = None  # None = every attribute column of the latents
-    holdout: float = 0.1
-    threshold: float = 0.5  # probability threshold for F1
-    train: TrainConfig = field(default_factory=lambda: dataclasses.replace(CLASSIFIER_RECIPE))
-    endpoint: str | None = None
+    job_name: ClassVar[str] = "train-classifier"
+    recipe_path: ClassVar[str] = "train"
+    recipe_flags: ClassVar[tuple[str, ...]] = ("batch_size", "lr", "weight_decay", "optimizer", "grad_clip",
+                                               "total_samples", "seed")
 
-    @property
-    def run_dir(self) -> str:
-        return storage.uri_join(self.storage, self.name)
+    bundle: str = option(help="the autoencoder bundle (path or s3://) the latents came from", path=True)
+    latents: str = option(help="output directory of `diffae infer-latents` (with attributes)", path=True)
+    out: str | None = option(None, path=True, help="bundle to write (default: add the classifier to --bundle in place)")
+    attributes: list[str] | None = option(None, help="attribute columns to learn (default: all of the latents')")
+    holdout: float = option(0.1, help="fraction of images held out for the metrics")
+    threshold: float = option(0.5, help="probability threshold for F1")
+    train: TrainConfig = option(default_factory=lambda: dataclasses.replace(CLASSIFIER_RECIPE), cli=False,
+                                help="the recipe (default: the official classifier recipe)")
 
 
 @dataclass
@@ -120,31 +129,40 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (loss * known).sum() / known.sum().clamp_min(1)
 
 
-def fit_head(z_n: torch.Tensor, labels: torch.Tensor, train: TrainConfig, log_every: int = 1000) -> tuple[
-        torch.nn.Linear, list[tuple[int, float]]]:
+class HeadTask(TrainTask):
+    """The classifier's side of the shared loop, run in this process: a linear head on normalised z."""
+
+    def __init__(self, z_n: torch.Tensor, labels: torch.Tensor, train: TrainConfig) -> None:
+        torch.manual_seed(train.seed)
+        self.model = torch.nn.Linear(z_n.shape[1], labels.shape[1])
+        self.opt = Optimization(self.model, train, ema=False)
+        self.z_n, self.labels = z_n, labels
+        self.sampler = EpochSampler(z_n.shape[0], torch.Generator().manual_seed(train.seed))
+
+    def step(self, n: int, weight: float, step: int) -> StepOutput:
+        idx = self.sampler.next(n)
+        loss = masked_bce(self.model(self.z_n[idx]), self.labels[idx])
+        self.opt.step(loss * weight, step)
+        return StepOutput(loss.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None  # a head trains in seconds: it starts over instead of resuming
+
+
+def fit_head(z_n: torch.Tensor, labels: torch.Tensor, train: TrainConfig, log_every: int = LOG_EVERY,
+             progress: bool | None = None) -> tuple[torch.nn.Linear, list[tuple[int, float]]]:
     """Train Linear(Z, A) on normalised z_n [N, Z] and labels [N, A]. Returns (head, loss history)."""
-    torch.manual_seed(train.seed)
-    head = torch.nn.Linear(z_n.shape[1], labels.shape[1])
-    optimizer = runtime.build_optimizer(list(head.parameters()), train)
-    sampler = runtime.EpochSampler(z_n.shape[0], torch.Generator().manual_seed(train.seed))
-    steps = math.ceil(train.total_samples / train.batch_size)
-    history, running, window, started = [], 0.0, 0, time.time()
-    for step in range(1, steps + 1):
-        idx = sampler.next(train.batch_size)
-        loss = masked_bce(head(z_n[idx]), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(head.parameters(), train.grad_clip)
-        optimizer.step()
-        running += loss.item()
-        window += 1
-        if step % log_every == 0 or step == steps:
-            history.append((step, running / window))
-            print(f"[train-classifier] step {step}/{steps} loss {running / window:.4f} "
-                  f"{window * train.batch_size / max(time.time() - started, 1e-9):.0f} samples/s", flush=True)
-            running, window, started = 0.0, 0, time.time()
-    return head.eval(), history
+    task, ctx = HeadTask(z_n, labels, train), LocalContext()
+    schedule = Schedule(train.total_samples, train.batch_size, checkpoint_every=train.total_samples, log_every=log_every)
+    console = ConsoleProgress("train-classifier", train.total_samples, train.batch_size, "latent", bar=progress)
+    try:
+        run_loop(task, ctx, schedule, console)
+    finally:
+        console.close()
+    return task.model.eval(), [(m["step"], m["loss"]) for m in ctx.history]
 
 
 def attribute_metrics(logits: torch.Tensor, labels: torch.Tensor, names: Sequence[str],
@@ -174,13 +192,10 @@ def _mean(values: list[float | None]) -> float | None:
 
 def train_classifier(job: ClassifierJob) -> ClassifierResult:
     """Read the latents, train the head on the training split, evaluate on the held-out split, attach."""
-    sha = autoencoder_sha256(job.bundle, job.endpoint)
-    latent_sha = read_stats(job.latents, job.endpoint).autoencoder_sha256
-    if latent_sha and latent_sha != sha:
-        raise ValueError(f"{job.latents} was computed with another autoencoder than {job.bundle}'s; "
-                         f"run `diffae infer-latents --bundle {job.bundle}` again")
-    runtime.save_run_config(job.run_dir, "train-classifier", job, job.endpoint)
-    data = load_labelled(job.latents, job.attributes, job.endpoint)
+    job = job.named("train-classifier").prepared()
+    sha = check_same_autoencoder(job.bundle, job.latents, job.s3_endpoint)
+    job.save_config(job.run_dir)
+    data = load_labelled(job.latents, job.attributes, job.s3_endpoint)
     heldout = heldout_mask(data.ids, job.holdout)
     train_idx, held_idx = (~heldout).nonzero().squeeze(1), heldout.nonzero().squeeze(1)
     if train_idx.numel() < 2 or held_idx.numel() < 1:
@@ -213,42 +228,21 @@ def train_classifier(job: ClassifierJob) -> ClassifierResult:
     def attach(model) -> None:
         model.attach_classifier(head.weight.detach(), head.bias.detach(), z_mean, z_std, data.attributes)
 
-    written = runtime.update_bundle(job.bundle, job.out, attach, expected_autoencoder=sha, endpoint=job.endpoint)
+    written = attach_to_bundle(job.bundle, job.out, attach, expected_autoencoder=sha, endpoint=job.s3_endpoint)
     metrics["bundle"] = written
-    runtime.write_json(storage.uri_join(job.run_dir, "metrics.json"), metrics, job.endpoint)
+    storage.write_json(storage.join(job.run_dir, "metrics.json"), metrics, job.s3_endpoint)
     return ClassifierResult(bundle=written, run_dir=job.run_dir, metrics=metrics)
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--bundle", required=True, help="the autoencoder bundle (path or s3://) the latents came from")
-    p.add_argument("--latents", required=True, help="output directory of `diffae infer-latents` (with attributes)")
-    p.add_argument("--out", help="bundle to write (default: add the classifier to --bundle in place)")
-    p.add_argument("--storage", default="runs", help="runs root (path or s3://) for the config and metrics")
-    p.add_argument("--name", help="run name under --storage (default: train-classifier-<time>)")
-    p.add_argument("--attributes", nargs="+", help="attribute columns to learn (default: all of the latents')")
-    p.add_argument("--holdout", type=float, default=0.1, help="fraction of images held out for the metrics")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for F1")
-    runtime.add_train_flags(p, ema=False)
-    runtime.add_storage_flags(p)
-    return p
+def _run(job: ClassifierJob) -> dict[str, Any]:
+    result = train_classifier(job)
+    return {"bundle": result.bundle, "run": result.run_dir, "mean_auroc": result.metrics["mean_auroc"],
+            "mean_f1": result.metrics["mean_f1"]}
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    args = build_parser(prog).parse_args(argv)
-    endpoint = runtime.resolve_endpoint(args.s3_endpoint)
-    runtime.ensure_ray()
-    train = runtime.resolve_train_config(CLASSIFIER_RECIPE, runtime.read_overrides(args.config, endpoint),
-                                         **runtime.train_flags(args))
-    job = ClassifierJob(bundle=args.bundle, latents=args.latents, out=args.out, storage=args.storage,
-                        name=args.name or runtime.default_run_name("train-classifier"), attributes=args.attributes,
-                        holdout=args.holdout, threshold=args.threshold, train=train, endpoint=endpoint)
-    result = train_classifier(job)
-    print(json.dumps({"bundle": result.bundle, "run": result.run_dir, "mean_auroc": result.metrics["mean_auroc"],
-                      "mean_f1": result.metrics["mean_f1"]}))
-    return 0
+    return jobkit.run_cli(ClassifierJob, argv, prog, _run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main(prog="python -m pipelines.train_classifier"))

@@ -25,8 +25,9 @@ for _key, _value in {
 from diffae_core import DiffAE  # noqa: E402  (after the environment above)
 from diffae_core.config import EncoderConfig, LatentConfig, ModelConfig, UNetConfig  # noqa: E402
 
-# Timings on 2 cores are noisy with OpenMP oversubscription; tests pin threads.
-torch.set_num_threads(int(os.environ.get("DIFFAE_TEST_THREADS", "2")))
+# Tests pin one intra-op thread: beside Ray workers on a small machine, OpenMP threads spin-waiting for a
+# core made a 2-thread step up to 40x slower than a 1-thread one.
+torch.set_num_threads(int(os.environ.get("DIFFAE_TEST_THREADS", "1")))
 
 
 def micro_config() -> ModelConfig:
@@ -111,27 +112,28 @@ def s3_bucket(s3_endpoint, request):
             os.environ["AWS_ENDPOINT_URL"] = old
 
 
+def metrics_port() -> int:
+    """The Prometheus export port of the connected Ray's first live node (found through ``ray.nodes()``)."""
+    import ray
+
+    return next(int(n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"] and n.get("MetricsExportPort"))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the whole session (4 logical CPUs so Train workers leave room for Ray Data).
 
     Yields a dict with the metrics export port. Tests share it: never call ray.shutdown() in a test.
+    Ray's temp dir and metrics interval are set through its environment variables (public settings).
     """
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Unix socket paths must stay under 108 bytes
-    metrics_port = free_port()
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        object_store_memory=256 * 1024 * 1024,
-        _temp_dir=temp_dir,
-        _metrics_export_port=metrics_port,
-        log_to_driver=False,
-        _system_config={"metrics_report_interval_ms": 1000},
-    )
+    os.environ["RAY_TMPDIR"] = temp_dir
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
+             log_to_driver=False)
     try:
-        yield {"metrics_port": metrics_port, "temp_dir": temp_dir}
+        yield {"metrics_port": metrics_port(), "temp_dir": temp_dir}
     finally:
         ray.shutdown()

@@ -123,41 +123,26 @@ def test_shipped_demo_model_carries_the_attributes_in_z_sem():
     assert min(per_attribute.values()) >= 0.75, per_attribute  # chance is 0.5
 
 
-def test_worker_setup_hook_drops_only_the_two_noisy_train_lines(caplog):
-    import logging
+def test_driver_draws_rank_zeros_progress_and_events_in_order(ray_cluster, capsys):
+    """Progress travels from a worker to the driver through the board actor, not through Ray's log forwarding:
+    every update and event posted before the block ends is printed, in order, as the product's own lines."""
+    import ray
 
-    from pipelines import ray_logs
+    from pipelines.progress import ConsoleProgress, driver_progress
 
-    ray_logs.quiet_train_logs()
-    from ray.train.v2._internal.execution import context  # the module whose per-report line is dropped
+    @ray.remote(num_cpus=0)
+    def rank_zero(progress) -> None:
+        progress.event("resumed from step 2")
+        for step in (3, 4):
+            progress.update({"step": step, "samples_seen": 8 * step, "loss": 1.0 / step, "samples_per_second": 50.0},
+                            final=step == 4)
 
-    cleaner, report = logging.getLogger(ray_logs._CLEANER_LOGGER), context.logger
-    with caplog.at_level(logging.INFO):
-        cleaner.warning("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable.")
-        report.info("Reporting training result 7: TrainingReport(checkpoint=None)")
-        cleaner.warning("Failed to remove placement group abc")
-        report.error("worker 1 died")
-    assert [r.getMessage() for r in caplog.records] == ["Failed to remove placement group abc", "worker 1 died"]
-
-
-def test_a_replayed_close_does_not_reopen_a_progress_bar():
-    from ray.experimental import tqdm_ray
-
-    from pipelines.ray_logs import tolerate_replayed_bar_updates
-
-    tolerate_replayed_bar_updates()
-    tolerate_replayed_bar_updates()  # idempotent
-    manager = tqdm_ray._BarManager()
-    state = {"__magic_token__": tqdm_ray.RAY_TQDM_MAGIC, "x": 0, "pos": 0, "desc": "train", "total": 10,
-             "unit": "img", "ip": "10.0.0.9", "pid": 4242, "uuid": "bar-1", "closed": False}
-    manager.process_state_update(dict(state))
-    group = manager.bar_groups[("10.0.0.9", 4242)]
-    assert group.has_bar("bar-1")
-    manager.process_state_update({**state, "x": 10, "closed": True})
-    assert not group.has_bar("bar-1")
-    manager.process_state_update({**state, "x": 10, "closed": True})  # the worker's last lines, replayed
-    manager.process_state_update({**state, "x": 10})
-    assert not group.has_bar("bar-1")
+    with driver_progress(ConsoleProgress("train", 32, 8, "img", bar=False), interval_s=0.1) as progress:
+        ray.get(rank_zero.remote(progress))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[train]")]
+    assert lines == ["[train] resumed from step 2",
+                     "[train] step 3/4 samples 24/32 (75.0%) loss 0.3333 50.0 img/s",
+                     "[train] step 4/4 samples 32/32 (100.0%) loss 0.2500 50.0 img/s"], lines
 
 
 def test_a_changed_recipe_is_not_resumed_but_a_bigger_budget_is():

@@ -37,7 +37,8 @@ def bundle_with_latent(tmp_path_factory) -> str:
 
 
 def features(x: torch.Tensor) -> np.ndarray:
-    return PixelFeatures()(quantise((x.float() + 1) / 2)).double().numpy()
+    """The pixel stand-in's features of images in [-1,1], after the 8-bit round trip FID applies."""
+    return PixelFeatures()(quantise((x.float() + 1) / 2).float() / 255).double().numpy()
 
 
 def frechet(a: np.ndarray, b: np.ndarray) -> float:

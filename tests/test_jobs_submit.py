@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -26,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def ray_cli(*args: str, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+def ray_cli(*args: str, env: dict, timeout: float = 180, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture
@@ -104,11 +105,14 @@ def test_ray_job_submit_trains_and_writes_a_bundle(ray_head, tmp_path):
                                   "checkpoint_every": 16, "grid_every": 32, "log_every": 1, "grid_images": 2,
                                   "grid_steps": 2}))
     runs = tmp_path / "runs"
+    train = shlex.join(["python", "-m", "pipelines.train_autoencoder", "--data", str(images), "--storage", str(runs),
+                        "--name", "submitted", "--config", str(config), "--cpus-per-worker", "0.5"])
+    # The runtime env operators use (cluster/runtime_env.yaml): Ray's packager uploads the checkout without
+    # what it excludes, and the job runs from that upload.
     submit = ray_cli(
-        "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
-        "python", "-m", "pipelines.train_autoencoder", "--data", str(images), "--storage", str(runs),
-        "--name", "submitted", "--config", str(config), "--cpus-per-worker", "0.5",
-        env=env, timeout=480,
+        "job", "submit", f"--address={address}", "--runtime-env", "cluster/runtime_env.yaml", "--",
+        "bash", "-c", f"test ! -e tests && test ! -e .venv && test -f pipelines/jobkit.py && {train}",
+        env=env, timeout=480, cwd=REPO,
     )
     logs = submit.stdout + submit.stderr
     print(logs[-4000:])

@@ -15,7 +15,8 @@ from diffae_core import DiffAE
 from diffae_core.config import TrainConfig
 from diffae_core.datasets import SHAPES_ATTRIBUTES
 from pipelines.data import load_dataset
-from pipelines.infer_latents import Z_COLUMN, infer_latents, read_latents, read_stats, z_array
+from pipelines.infer_latents import infer_latents
+from pipelines.latents import Z_COLUMN, read_latents, read_stats, z_array
 from pipelines.train_classifier import ClassifierJob, train_classifier
 from pipelines.train_latent import LatentTrainJob, train_latent
 

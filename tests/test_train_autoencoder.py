@@ -127,7 +127,7 @@ def test_ddp_two_workers_fault_tolerance_and_outputs(ray_cluster, tmp_path):
 
     # -- outputs in the run directory
     run = Path(job.storage) / "ddp"
-    assert json.loads((run / "config.json").read_text())["config"]["settings"]["num_workers"] == 2
+    assert json.loads((run / "config.json").read_text())["config"]["num_workers"] == 2
     assert json.loads((run / "summary.json").read_text())["samples_seen"] == TOTAL
     assert len(list((run / "grids").glob("step-*.png"))) >= 2
     model = DiffAE.load(result.bundle)
@@ -141,29 +141,34 @@ def test_ddp_two_workers_fault_tolerance_and_outputs(ray_cluster, tmp_path):
 
 def test_cli_resolves_flags_config_file_and_resume(tmp_path):
     """Preset < config file < flags; --resume RUN reloads the saved settings and lets flags extend them."""
-    from pipelines import runtime
-    from pipelines.train_autoencoder import build_parser, resolve_job
+    from pipelines import jobkit
+
+    def resolve(*argv: str) -> TrainJobConfig:
+        return jobkit.resolve(TrainJobConfig, jobkit.build_parser(TrainJobConfig).parse_args(list(argv)))
 
     config = tmp_path / "cfg.yaml"
     config.write_text("preset: tiny32\nbatch_size: 8\nlr: 0.001\nnum_workers: 2\ncpus_per_worker: 0.5\n"
                       "model: {unet: {image_size: 16}}\n")
-    args = build_parser().parse_args(["--data", "shapes:64", "--storage", str(tmp_path), "--name", "r",
-                                      "--config", str(config), "--lr", "0.002", "--max-samples", "32"])
-    job = resolve_job(args)
+    job = resolve("--data", "shapes:64", "--storage", str(tmp_path), "--name", "r", "--config", str(config),
+                  "--lr", "0.002", "--max-samples", "32")
     assert job.model.name == "tiny32" and job.model.image_size == 16 and job.num_workers == 2
     assert job.cpus_per_worker == 0.5 and job.model.train.batch_size == 8 and job.model.train.lr == 0.002
     assert job.model.train.total_samples == 32 and not job.resume
     assert job.model.diffusion.prediction == "eps" and job.progress_bar
-    v = resolve_job(build_parser().parse_args(["--data", "shapes", "--preset", "tiny32", "--prediction", "v",
-                                               "--no-progress-bar"]))
+    v = resolve("--data", "shapes", "--preset", "tiny32", "--prediction", "v", "--no-progress-bar")
     assert v.model.diffusion.prediction == "v" and not v.progress_bar
-    assert resolve_job(build_parser().parse_args(["--data", "shapes", "--preset", "demo16"])).model.diffusion.prediction == "v"
-    runtime.save_run_config(job.run_dir, "train_autoencoder", {"settings": job.settings(), "model": job.model.to_dict()})
+    assert resolve("--data", "shapes", "--preset", "demo16").model.diffusion.prediction == "v"
+    assert resolve("--data", "shapes", "--num-workers", "2-4").num_workers == "2-4"
+    job.save_config(job.run_dir)
 
-    resumed = resolve_job(build_parser().parse_args(["--resume", "r", "--storage", str(tmp_path), "--max-samples", "64"]))
+    resumed = resolve("--resume", "r", "--storage", str(tmp_path), "--max-samples", "64")
     assert resumed.resume and resumed.name == "r" and resumed.data == "shapes:64" and resumed.num_workers == 2
     assert resumed.model.train.total_samples == 64 and resumed.model.train.lr == 0.002
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown setting"):
-        bad = tmp_path / "bad.yaml"
-        bad.write_text("learning_rate: 1\n")
-        resolve_job(build_parser().parse_args(["--data", "shapes", "--config", str(bad)]))
+        resolve("--data", "shapes", "--config", str(bad))
+    with pytest.raises(ValueError, match="data .* is required"):
+        resolve("--preset", "tiny32")
+    with pytest.raises(ValueError, match="MIN <= MAX"):
+        resolve("--data", "shapes", "--num-workers", "4-2")
