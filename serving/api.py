@@ -41,7 +41,7 @@ from diffae_core.model import slerp
 
 from . import schemas as S
 from .auth import KeyStore
-from .compute import DecoderJob, request_noise
+from .batching import DecoderJob
 from .inputs import (
     MAX_REPORTED_ERRORS,
     ApiError,
@@ -215,10 +215,11 @@ class Ingress:
         results = await asyncio.gather(*(self.encoder.encode.remote(x) for x in images))
         return np.stack([r[0] for r in results]), max(r[1] for r in results)
 
-    async def _decoder(self, op: str, steps: int, xs: Sequence[np.ndarray], zs: Sequence[np.ndarray]
-                       ) -> tuple[np.ndarray, int]:
-        jobs = [DecoderJob(op, steps, np.asarray(x, np.float32), np.asarray(z, np.float32))
-                for x, z in zip(xs, zs, strict=True)]
+    async def _decoder(self, op: str, steps: int, xs: Sequence[np.ndarray | None], zs: Sequence[np.ndarray],
+                       seed: int | None = None) -> tuple[np.ndarray, int]:
+        """Results [n,3,S,S] of one Decoder job per (x, z); an x of None decodes from noise of ``seed``."""
+        jobs = [DecoderJob(op, steps, None if x is None else np.asarray(x, np.float32), np.asarray(z, np.float32),
+                           seed) for x, z in zip(xs, zs, strict=True)]
         results = await asyncio.gather(*(self.decoder.run.remote(job) for job in jobs))
         return np.stack([r[0] for r in results]), max(r[1] for r in results)
 
@@ -278,8 +279,8 @@ class Ingress:
         _, p = await self._parse(request, S.DecodeParams)
         seed, steps = self._seed(p.seed), self._steps(p.steps)
         z = parse_z(p.z_sem, self.z_dim)
-        x_T = request_noise(seed, (3, self.size, self.size)).numpy() if p.x_T is None else parse_x_T(p.x_T, self.size)
-        images, batch = await self._decoder("decode", steps, [x_T], [z])
+        x_T = None if p.x_T is None else parse_x_T(p.x_T, self.size)  # None: the Decoder draws it from the seed
+        images, batch = await self._decoder("decode", steps, [x_T], [z], seed)
         return await self._images_out(images, p.format, {"steps": steps}, seed, batch)
 
     @app.post("/v1/reconstruct", summary="near-exact reconstruction through z_sem and x_T",

@@ -30,7 +30,7 @@ def deployment_options(scaling: Scaling) -> dict[str, Any]:
         "autoscaling_config": scaling.autoscaling_config(),
         "max_ongoing_requests": scaling.max_ongoing_requests,
         "max_queued_requests": scaling.max_queued_requests,
-        "ray_actor_options": {"num_cpus": scaling.num_cpus},
+        "ray_actor_options": {"num_cpus": scaling.num_cpus, **({"num_gpus": scaling.num_gpus} if scaling.num_gpus else {})},
         "health_check_period_s": scaling.health_check_period_s,
         "health_check_timeout_s": scaling.health_check_timeout_s,
     }
@@ -51,10 +51,10 @@ def build_app(args: dict[str, Any]) -> Application:
 
     def batched(cls: Any, name: str) -> Any:
         return cls.options(**deployment_options(scale[name])).bind(
-            *source, vars(settings.batching[name]), scale[name].threads)
+            *source, vars(settings.batching[name]), scale[name].replica())
 
     def plain(cls: Any, name: str) -> Any:
-        return cls.options(**deployment_options(scale[name])).bind(*source, scale[name].threads)
+        return cls.options(**deployment_options(scale[name])).bind(*source, scale[name].replica())
 
     return Ingress.options(**deployment_options(scale["Ingress"])).bind(
         batched(Encoder, "Encoder"), batched(Decoder, "Decoder"), plain(Classifier, "Classifier"),

@@ -22,14 +22,19 @@ import yaml
 APP_NAME = "diffae"
 
 
-def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> str:
+_proxy: tuple[str, int] | None = None  # where the Serve proxy this process started listens
+
+
+def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
+          route_prefix: str = "/") -> str:
     """Deploy the application for ``args`` (see ``serving.settings``; ``{"bundle": URI}`` suffices) on the
     running Ray (``ray.init`` first) and return its base URL, e.g. ``http://127.0.0.1:8000``, once every
     deployment is running.
 
-    Starts Serve's HTTP proxy on ``host:port`` if Serve is not running yet; an already running Serve
-    keeps its own address, and the URL returned is that one. Deploying again under the same ``name`` replaces the application in place.
-    Raises RuntimeError when Ray has fewer logical CPUs than the minimum replicas reserve.
+    Starts Serve's HTTP proxy on ``host:port`` unless this process started Serve already: then the app joins
+    that proxy and the URL returned is its address (the app answers under ``route_prefix``). Deploying again under the same ``name`` replaces the
+    application in place. Raises RuntimeError when Ray has fewer logical CPUs or GPUs than the minimum
+    replicas reserve, or when a Serve started elsewhere does not answer on ``host:port``.
     """
     import ray
     from ray import serve
@@ -38,29 +43,53 @@ def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, name:
     from .settings import AppSettings
 
     settings = AppSettings.from_args(args)
-    needed = sum(s.min_replicas * s.num_cpus for s in settings.deployments.values())
-    have = ray.cluster_resources().get("CPU", 0)
-    if needed > have:  # Serve would otherwise wait forever for replicas it cannot place
-        raise RuntimeError(
-            f"the app's minimum replicas reserve {needed:g} logical CPUs but this Ray has {have:g}: start Ray "
-            "with more (ray.init(num_cpus=...), `diffae serve --num-cpus`) or lower deployments.*.num_cpus")
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(args), name=name, route_prefix="/")
-    host, port = _proxy_address(host, port)
-    return f"http://{host}:{port}"
+    have = ray.cluster_resources()
+    for resource, per_replica in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        needed = sum(s.min_replicas * getattr(s, per_replica) for s in settings.deployments.values())
+        if needed > have.get(resource, 0):  # Serve would otherwise wait forever for replicas it cannot place
+            raise RuntimeError(
+                f"the app's minimum replicas reserve {needed:g} logical {resource}s but this Ray has "
+                f"{have.get(resource, 0):g}: start Ray with more (ray.init(num_cpus=..., num_gpus=...), "
+                f"`diffae serve --num-cpus`) or lower deployments.*.{per_replica}")
+    address = _serve(host, port)
+    serve.run(build_app(args), name=name, route_prefix=route_prefix)
+    url = f"http://{address[0]}:{address[1]}"
+    if not _answers(url):
+        raise RuntimeError(f"the app is deployed but no Serve proxy answers at {url}: Serve was already running in "
+                           "this Ray cluster with other HTTP options; use its address or `serve.shutdown()` first")
+    return url
 
 
-def _proxy_address(host: str, port: int) -> tuple[str, int]:
-    """Where Serve's HTTP proxy really listens: a Serve that was already running (started by another app in
-    this Ray) keeps its own host and port, whatever this call asked for."""
+def _serve(host: str, port: int) -> tuple[str, int]:
+    """Start Serve's proxy on host:port, unless this process started one that still runs; its address."""
+    global _proxy
+    from ray import serve
+
+    if _proxy is None or not _answers(f"http://{_proxy[0]}:{_proxy[1]}"):
+        serve.start(http_options={"host": host, "port": port})
+        _proxy = ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port)
+    return _proxy
+
+
+def _answers(url: str) -> bool:
+    """True when a Serve proxy answers its health route at ``url``."""
+    import urllib.request
+
     try:
-        from ray.serve.context import _get_global_client
+        with urllib.request.urlopen(f"{url}/-/healthz", timeout=5) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
 
-        config = _get_global_client().http_config
-    except (ImportError, AttributeError, RuntimeError):  # private API moved: trust the requested address
-        return host, port
-    real_host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
-    return real_host, int(config.port)
+
+def metrics_url() -> str | None:
+    """The Prometheus endpoint of the first live Ray node's metrics exporter (``ray_*``, ``ray_diffae_*``)."""
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("MetricsExportPort"):
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    return None
 
 
 def stop(name: str = APP_NAME) -> None:
@@ -84,7 +113,8 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=int, default=max(4, 2 * (os.cpu_count() or 1)),
                    help="logical CPUs of the embedded Ray (default: max(4, 2 x cores)); the default replicas "
                         "reserve 3.1 and autoscaling more. Threads per replica are set by torch_threads")
-    p.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus export port (/metrics)")
+    p.add_argument("--address", help="join this Ray cluster (e.g. `auto` after `ray start --head "
+                                     "--metrics-export-port=8080`) instead of starting an embedded one")
     return p.parse_args(argv)
 
 
@@ -111,15 +141,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "diffae serve") -> int:
     args = app_args(ns)
     import ray
 
-    ray.init(address="local", num_cpus=ns.num_cpus, include_dashboard=False,
-             _metrics_export_port=ns.metrics_port)
+    if ns.address:
+        ray.init(address=ns.address, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=ns.num_cpus, include_dashboard=False, log_to_driver=False)
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
     try:
         url = start(args, host=ns.host, port=ns.port)
-        print(f"diffae serving {ns.bundle} at {url}/ (API docs: {url}/docs, metrics: "
-              f"http://127.0.0.1:{ns.metrics_port}/metrics). Ctrl-C stops.", flush=True)
+        print(f"diffae serving {ns.bundle} at {url}/ (API docs: {url}/docs, metrics: {metrics_url()}). "
+              "Ctrl-C stops.", flush=True)
         stopped.wait()
     finally:
         from ray import serve

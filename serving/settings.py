@@ -19,8 +19,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 DEPLOYMENTS = ("Ingress", "Encoder", "Decoder", "Classifier", "LatentSampler")
 BATCHED = ("Encoder", "Decoder")
+# Inference dtypes a deployment can compute in (autocast; GroupNorm and the DDIM arithmetic stay in float32).
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -81,7 +85,8 @@ class Batching:
 
 @dataclass
 class Scaling:
-    """Replicas and queues of one deployment (Serve's autoscaling_config and request limits)."""
+    """Replicas, queues and resources of one deployment (Serve's autoscaling_config, request limits,
+    ray_actor_options) and the dtype its replicas compute in."""
 
     min_replicas: int = 1
     max_replicas: int = 2
@@ -89,6 +94,8 @@ class Scaling:
     max_ongoing_requests: int = 16  # per replica; for batched deployments keep >= max_batch_size
     max_queued_requests: int = 256  # per caller, waiting for a replica; beyond: 503 + Retry-After
     num_cpus: float = 1.0  # logical CPUs reserved per replica
+    num_gpus: float = 0.0  # GPUs per replica (fractional shares a GPU); the replica computes on it
+    dtype: str = "fp32"  # inference dtype: fp32, bf16 or fp16 (fp16 on GPUs only)
     torch_threads: int | None = None  # intra-op threads per replica; None: max(1, int(num_cpus))
     upscale_delay_s: float | None = None  # None: Serve's default
     downscale_delay_s: float | None = None
@@ -100,12 +107,18 @@ class Scaling:
             raise ValueError(f"deployments.{name}: need 0 <= min_replicas <= max_replicas, max_replicas >= 1")
         if self.max_ongoing_requests < 1 or self.target_ongoing_requests <= 0:
             raise ValueError(f"deployments.{name}: max_ongoing_requests and target_ongoing_requests must be > 0")
-        if self.num_cpus < 0 or (self.torch_threads is not None and self.torch_threads < 1):
-            raise ValueError(f"deployments.{name}: num_cpus must be >= 0 and torch_threads >= 1")
+        if self.num_cpus < 0 or self.num_gpus < 0 or (self.torch_threads is not None and self.torch_threads < 1):
+            raise ValueError(f"deployments.{name}: num_cpus and num_gpus must be >= 0 and torch_threads >= 1")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"deployments.{name}: dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
     @property
     def threads(self) -> int:
         return self.torch_threads or max(1, int(self.num_cpus))
+
+    def replica(self) -> dict[str, Any]:
+        """What each replica's constructor needs to know about its own resources and numerics."""
+        return {"threads": self.threads, "num_gpus": self.num_gpus, "dtype": self.dtype}
 
     def autoscaling_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {

@@ -525,22 +525,27 @@ def test_diffae_serve_command_flags(tmp_path):
     assert packaged["bundle"] == "./b" and "deployments" in packaged
 
 
-def test_load_part_loads_one_network_with_the_bundles_weights(bundle, trained_micro, tmp_path):
+def test_a_part_of_a_bundle_loads_one_network_with_the_bundles_weights(bundle, trained_micro, tmp_path):
+    """What each replica loads: DiffAE.load(parts=...) builds only the networks asked for, with the same weights."""
     from diffae_core import DiffAE
-    from diffae_core.bundle import BundleError, load_part
+    from diffae_core.bundle import BundleError
 
     full = DiffAE.load(bundle)
     x, t, z = torch.rand(2, 3, SIZE, SIZE) * 2 - 1, torch.tensor([3, 700]), torch.randn(2, 512)
-    with torch.inference_mode():
-        assert torch.equal(load_part(bundle, "encoder").module(x), full.encoder(x))
-        assert torch.equal(load_part(bundle, "unet").module(x, t, z), full.unet(x, t, z))
-        latent = load_part(bundle, "latent")
-        assert torch.equal(latent.module(z, t), full.latent_net(z, t))
-        assert torch.equal(latent.stats["z_mean"], full.latent_mean)
-        head = load_part(bundle, "classifier")
-        assert torch.equal(head.module(z), full.classifier(z)) and list(head.config.attributes) == ATTRIBUTES
+    encoder = DiffAE.load(bundle, parts=("encoder",))
+    assert encoder.unet is None and encoder.latent_net is None and encoder.classifier is None
+    assert torch.equal(encoder.encode(x), full.encode(x))
+    unet = DiffAE.load(bundle, parts=("unet",))
+    assert unet.encoder is None and torch.equal(unet.predict_noise(x, t, z), full.predict_noise(x, t, z))
+    with pytest.raises(RuntimeError, match="without its encoder"):
+        unet.encode(x)
+    latent = DiffAE.load(bundle, parts=("latent",))
+    assert torch.equal(latent.predict_latent_noise(z, t), full.predict_latent_noise(z, t))
+    assert torch.equal(latent.latent_mean, full.latent_mean)
+    head = DiffAE.load(bundle, parts=("classifier",))
+    assert torch.equal(head.classify(z), full.classify(z)) and head.attributes == ATTRIBUTES
     trained_micro.save(str(tmp_path / "plain"))
     with pytest.raises(BundleError, match="no classifier"):
-        load_part(str(tmp_path / "plain"), "classifier")
+        DiffAE.load(str(tmp_path / "plain"), parts=("classifier",))
     with pytest.raises(ValueError, match="unknown bundle part"):
-        load_part(bundle, "decoder")
+        DiffAE.load(bundle, parts=("decoder",))
