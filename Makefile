@@ -27,7 +27,9 @@ demo: install
 demo-model: install
 	$(VPY) -m pipelines.demo --out outputs/demo-model --images 20000 --budget-images 192000 --latent-budget 400000 --demo-model "" --ship assets/demo-model $(DEMO_ARGS)
 
+# Installs the Debian packages some tests use when missing (as root with apt-get); without them those tests skip.
 test: install
+	@bash tests/system-packages.sh
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 lint: install

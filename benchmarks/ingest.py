@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.data import prepare
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"))
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short Unix socket paths
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     setup_threads(args.threads)
     print(f"# ingest, {machine()}, Ray {ray.__version__} num_cpus={args.num_cpus}, load {os.getloadavg()[0]:.1f}")
     print(f"# {args.images} images at {args.image_size} px, batch {args.batch_size}")

@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.train_autoencoder import TrainJobConfig, train_autoencoder
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"))
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short Unix socket paths
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     print(f"# train throughput, {machine()}, Ray {ray.__version__} num_cpus={args.num_cpus}, "
           f"load {os.getloadavg()[0]:.1f}")
     print(f"# preset {args.preset}, global batch {args.batch_size}, {args.steps} steps, "
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             result = train_autoencoder(job)
             wall = time.perf_counter() - start
-            print(f"{workers:7}  {result.metrics['images_per_second']:19.1f}  {wall:12.1f}", flush=True)
+            print(f"{workers:7}  {result.metrics['samples_per_second']:19.1f}  {wall:12.1f}", flush=True)
     ray.shutdown()
     return 0
 

@@ -24,8 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from . import storage
 from .config import ModelConfig
+from .storage import exists, join, read_bytes, write_bytes
 from .weights import ClassifierWeights, LatentWeights, ModelWeights, StateDict, WeightsMismatch
 
 FORMAT_NAME = "diffae-ray-bundle"
@@ -78,7 +78,7 @@ def write_bundle(uri: str, weights: ModelWeights, endpoint: str | None = None) -
     """Write ``weights`` as a bundle directory at ``uri`` (path, file:// or s3://bucket/prefix)."""
     files = bundle_files(weights)
     for name, data in files.items():
-        storage.write_bytes(storage.join(uri, name), data, endpoint)
+        write_bytes(join(uri, name), data, endpoint)
     config = weights.config
     manifest = {
         "format": FORMAT_NAME,
@@ -90,19 +90,19 @@ def write_bundle(uri: str, weights: ModelWeights, endpoint: str | None = None) -
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in files.items()},
     }
-    storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(manifest, indent=2).encode(), endpoint)
+    write_bytes(join(uri, MANIFEST), json.dumps(manifest, indent=2).encode(), endpoint)
 
 
 def read_manifest(uri: str, endpoint: str | None = None) -> dict:
     """A bundle's manifest.json, checked for our format name and a version this code understands."""
-    path = storage.join(uri, MANIFEST)
-    if not storage.exists(path, endpoint):
+    path = join(uri, MANIFEST)
+    if not exists(path, endpoint):
         raise BundleError(
             f"{uri}: no {MANIFEST} — not a diffae-ray bundle, or its upload did not finish "
             "(the manifest is written last). Save it again with DiffAE.save / `diffae export`."
         )
     try:
-        manifest = json.loads(storage.read_bytes(path, endpoint))
+        manifest = json.loads(read_bytes(path, endpoint))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{uri}/{MANIFEST} is not valid JSON ({exc}); the bundle is corrupted") from None
     if manifest.get("format") != FORMAT_NAME:
@@ -124,10 +124,10 @@ def read_config(uri: str, endpoint: str | None = None) -> ModelConfig:
 
 
 def _read_verified(uri: str, name: str, entry: dict, endpoint: str | None) -> bytes:
-    path = storage.join(uri, name)
-    if not storage.exists(path, endpoint):
+    path = join(uri, name)
+    if not exists(path, endpoint):
         raise BundleError(f"{uri}/{name} is listed in the manifest but missing")
-    data = storage.read_bytes(path, endpoint)
+    data = read_bytes(path, endpoint)
     if len(data) != entry["bytes"]:
         raise BundleError(f"{uri}/{name} is truncated or corrupted: {len(data)} bytes, the manifest says {entry['bytes']}")
     digest = hashlib.sha256(data).hexdigest()

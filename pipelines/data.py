@@ -194,29 +194,17 @@ def _process_batch(
     """
     ids = [str(i) for i in batch["id"]]
     rng = np.random.default_rng()  # flips are augmentation noise; everything else is deterministic
-    images, kept, skipped, unlabelled = [], [], [], []
+    images, kept, skipped = [], [], []
     for row, image_id in enumerate(ids):
         if split != "all" and is_heldout(image_id, holdout) != (split == "heldout"):
             continue
         try:
-            if "path" in batch:
-                image = decode_image(storage.read_bytes(str(batch["path"][row]), endpoint))
-            elif "image" in batch:
-                image = decode_image(_image_bytes(batch["image"][row]))
-            else:
-                image = _pixels_to_pil(batch["pixels"][row])
-            image = prep.square(image)
+            image = prep.square(_decode_row(batch, row, endpoint))
         except (OSError, ValueError) as exc:  # unreadable file, undecodable bytes, too small for the crop
             log.warning("skipping image %s: %s", image_id, exc)
             skipped.append((image_id, str(exc)[:200]))
             continue
-        if prep.output == "png":
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            images.append(buf.getvalue())
-        else:
-            x = pil_to_tensor(image).numpy()
-            images.append(np.ascontiguousarray(x[:, :, ::-1]) if prep.flip and rng.random() < 0.5 else x)
+        images.append(_encode_row(image, prep, rng))
         kept.append(row)
     out: dict[str, np.ndarray] = {"id": np.array([ids[r] for r in kept], dtype=object)}
     if prep.output == "png":
@@ -227,19 +215,43 @@ def _process_batch(
     for name in attributes:
         if name in batch:
             out[name] = np.asarray(batch[name])[kept].astype(np.int64)
-    if table is not None:
-        rows = []
-        for r in kept:
-            values = table.lookup(ids[r])
-            if values is None:
-                unlabelled.append(ids[r])
-                values = (MISSING_ATTRIBUTE,) * len(table.names)
-            rows.append(values)
-        matrix = np.array(rows, dtype=np.int64).reshape(len(kept), len(table.names))
-        for j, name in enumerate(table.names):
-            out[name] = matrix[:, j]
+    unlabelled = _join_attributes(out, [ids[r] for r in kept], table) if table is not None else []
     skips.record(skipped, unlabelled)
     return out
+
+
+def _decode_row(batch: dict[str, np.ndarray], row: int, endpoint: str | None) -> Image.Image:
+    """Row ``row`` of a raw batch as an RGB image, whichever of path / image / pixels the source gives."""
+    if "path" in batch:
+        return decode_image(storage.read_bytes(str(batch["path"][row]), endpoint))
+    if "image" in batch:
+        return decode_image(_image_bytes(batch["image"][row]))
+    return _pixels_to_pil(batch["pixels"][row])
+
+
+def _encode_row(image: Image.Image, prep: Preprocess, rng: np.random.Generator) -> Any:
+    """An S x S image as the output row: PNG bytes, or float32 [3,S,S] in [-1,1] (flipped with p = 0.5)."""
+    if prep.output == "png":
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+    x = pil_to_tensor(image).numpy()
+    return np.ascontiguousarray(x[:, :, ::-1]) if prep.flip and rng.random() < 0.5 else x
+
+
+def _join_attributes(out: dict[str, np.ndarray], ids: list[str], table: AttributeTable) -> list[str]:
+    """Add the attribute file's columns to ``out`` for ``ids`` (-1 where it has no row); returns those ids."""
+    rows, unlabelled = [], []
+    for image_id in ids:
+        values = table.lookup(image_id)
+        if values is None:
+            unlabelled.append(image_id)
+            values = (MISSING_ATTRIBUTE,) * len(table.names)
+        rows.append(values)
+    matrix = np.array(rows, dtype=np.int64).reshape(len(ids), len(table.names))
+    for j, name in enumerate(table.names):
+        out[name] = matrix[:, j]
+    return unlabelled
 
 
 # ---- sources ----------------------------------------------------------------------------------

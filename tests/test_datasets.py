@@ -55,6 +55,6 @@ def test_fashion_mnist_from_debian_or_a_clear_error(tmp_path):
     try:
         find_fashion_mnist()
     except FileNotFoundError:
-        pytest.skip("Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
+        pytest.skip("Debian's package `dataset-fashion-mnist` is not installed (make test installs it as root)")
     images, labels = fashion_mnist("t10k")
     assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
