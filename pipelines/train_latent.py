@@ -33,25 +33,14 @@ from diffae_core.config import DiffusionConfig, LatentConfig, TrainConfig
 from diffae_core.diffusion import GaussianDiffusion
 from diffae_core.latent import LatentMLP
 
-from . import jobkit
+from . import jobkit, training
 from .jobkit import option
 from .latents import Z_COLUMN, attach_to_bundle, check_same_autoencoder, read_latents, read_stats
 from .streams import EpochSampler
-from .training import (
-    LoopContext,
-    Optimization,
-    RayTrainContext,
-    Schedule,
-    StepOutput,
-    TrainerJob,
-    TrainTask,
-    load_checkpoint,
-    run_loop,
-)
 
 
 @dataclass(kw_only=True)
-class LatentTrainJob(TrainerJob):
+class LatentTrainJob(training.TrainerJob):
     """Train the latent DPM on z_sem with Ray Train and add it to a bundle."""
 
     job_name: ClassVar[str] = "train-latent"
@@ -73,7 +62,7 @@ class LatentTrainJob(TrainerJob):
         return {"train": dataclasses.asdict(config.latent_train)}
 
     def validate(self) -> None:
-        Schedule(self.train.total_samples, self.train.batch_size, self.checkpoint_every, self.log_every)
+        training.Schedule(self.train.total_samples, self.train.batch_size, self.checkpoint_every, self.log_every)
 
 
 @dataclass
@@ -86,16 +75,16 @@ class LatentTrainResult:
 
 
 # ---- inside each Ray Train worker --------------------------------------------------------------
-class LatentTask(TrainTask):
+class LatentTask(training.TrainTask):
     """The latent DPM's side of the shared loop: an in-memory shard of normalised z, the diffusion loss."""
 
-    def __init__(self, config: dict[str, Any], ctx: LoopContext) -> None:
+    def __init__(self, config: dict[str, Any], ctx: training.LoopContext) -> None:
         import ray.train
 
         self.ctx, recipe = ctx, TrainConfig(**config["train"])
         torch.manual_seed(recipe.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
         self.model = LatentMLP(LatentConfig(**config["latent"])).to(ctx.device)
-        self.opt = Optimization(self.model, recipe)
+        self.opt = training.Optimization(self.model, recipe)
         self.net = ctx.prepare(self.model)
         self.diffusion = GaussianDiffusion(DiffusionConfig(**config["diffusion"]))
         chunks = [b[Z_COLUMN] for b in ray.train.get_dataset_shard("train").iter_torch_batches(
@@ -107,14 +96,14 @@ class LatentTask(TrainTask):
         self.sampler = EpochSampler(self.z.shape[0], self.gen)
         self.history: list[tuple[int, float]] = []
 
-    def step(self, n: int, weight: float, step: int) -> StepOutput:
+    def step(self, n: int, weight: float, step: int) -> training.StepOutput:
         z0 = self.z[self.sampler.next(n)] if n else torch.zeros(1, self.z.shape[1], device=self.ctx.device)
         weight = weight if n else 0.0  # a zero-weight stand-in joins DDP's all-reduce on a short last step
         t = torch.randint(0, self.diffusion.T, (z0.shape[0],), device=self.ctx.device, generator=self.gen)
         noise = torch.randn(z0.shape, device=self.ctx.device, generator=self.gen)
         loss = self.diffusion.training_loss(lambda z_t, tt: self.net(z_t, tt), z0, t, noise).mean()
         self.opt.step(loss * weight, step)
-        return StepOutput(loss.detach())
+        return training.StepOutput(loss.detach())
 
     def state_dict(self) -> dict[str, Any]:
         return {"net": self.model.state_dict(), **self.opt.state_dict(), "history": self.history}
@@ -138,8 +127,8 @@ class LatentTask(TrainTask):
 
 
 def _worker(config: dict[str, Any]) -> None:
-    ctx = RayTrainContext(config["name"])
-    run_loop(LatentTask(config, ctx), ctx, Schedule(**config["schedule"]), config["progress"])
+    ctx = training.RayTrainContext(config["name"])
+    training.run_loop(LatentTask(config, ctx), ctx, training.Schedule(**config["schedule"]), config["progress"])
 
 
 # ---- on the driver -------------------------------------------------------------------------------
@@ -163,7 +152,7 @@ def train_latent(job: LatentTrainJob) -> LatentTrainResult:
                      job.console("train-latent", train.total_samples, train.batch_size, "latent"))
     if result.checkpoint is None:
         raise RuntimeError(f"the latent run {job.run_dir} ended without a checkpoint")
-    state = load_checkpoint(result.checkpoint)
+    state = training.load_checkpoint(result.checkpoint)
 
     def attach(model: Any) -> None:
         model.config.latent = latent_cfg

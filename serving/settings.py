@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from diffae_core.config import from_dict
+
 DEPLOYMENTS = ("Ingress", "Encoder", "Decoder", "Classifier", "LatentSampler")
 BATCHED = ("Encoder", "Decoder")
 # Inference dtypes a deployment can compute in (autocast; GroupNorm and the DDIM arithmetic stay in float32).
@@ -199,17 +201,15 @@ def _merge(base: Any, overrides: dict[str, Any], where: str) -> Any:
     """A copy of dataclass ``base`` with ``overrides`` applied; strings are coerced to the field's type."""
     if not isinstance(overrides, dict):
         raise ValueError(f"{where} must be a mapping, got {type(overrides).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(base)}
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
-    values = {}
+    values = dict(overrides)
     for key, value in overrides.items():
-        current = getattr(base, key)
+        current = getattr(base, key, None)
         if isinstance(value, str) and current is not None and not isinstance(current, str):
-            value = _coerce(value, type(current), f"{where}.{key}")
-        values[key] = value
-    return dataclasses.replace(base, **values)
+            values[key] = _coerce(value, type(current), f"{where}.{key}")
+    try:
+        return from_dict(type(base), {**dataclasses.asdict(base), **values})
+    except ValueError as exc:  # an unknown key: from_dict names the known ones
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def _coerce(text: str, kind: type, where: str) -> Any:
