@@ -86,7 +86,7 @@ def recipe_from_config(cfg: ModelConfig, eval_weights: str = "ema") -> Recipe:
 def base_recipe(name: str) -> tuple[ModelConfig, Recipe]:
     if name == "official":
         # the official EMA (0.9999, no warm-up) is still ~95% random init after 500 steps: judge the
-        # online weights, as the baseline does
+        # online weights, as the official recipe's baseline does
         cfg = get_preset("tiny32")
         return cfg, recipe_from_config(cfg, eval_weights="online")
     if name == "fast":

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "## `make bench` run\n",
         f"Written by `make bench` (`python benchmarks/run_all.py`) on {date}.\n",
         f"Machine: {machine()}.\n",
-        "Timings on small shared machines are noisy: compare numbers measured in the same run (ratios), "
+        "Timings on small, loaded machines are noisy: compare numbers measured in the same run (ratios), "
         "and rerun before trusting an absolute value.\n",
         "### End to end (from the last `make demo`)\n", demo_figures() + "\n",
     ]

@@ -292,7 +292,7 @@ def demo_model_info(path: str, image_size: int) -> dict[str, Any] | None:
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The numbers the issue targets, next to their targets."""
+    """The demo's headline numbers, next to the targets the report checks them against."""
     manip = metrics["manipulation"]
     best = max(manip.values(), key=lambda r: r["success"]) if manip else {"success": 0.0, "kept": 0.0}
     return {

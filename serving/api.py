@@ -1,4 +1,4 @@
-"""The HTTP API (architecture.md §6): a FastAPI ingress holding handles to the model deployments.
+"""The HTTP API (README, Serve and call the API): a FastAPI ingress holding handles to the model deployments.
 
 Routes: GET /healthz (open), GET /v1/model, POST /v1/{encode,decode,reconstruct,manipulate,interpolate,
 sample,classify}, GET / (web page), OpenAPI at /docs. Bodies are JSON or multipart (see schemas.py);

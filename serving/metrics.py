@@ -1,4 +1,4 @@
-"""Prometheus metrics of the serving application (architecture.md §7), through ``ray.serve.metrics``.
+"""Prometheus metrics of the serving application (docs/architecture.md, Metrics), through ``ray.serve.metrics``.
 
 They are exported on Ray's metrics port with Ray's ``ray_`` prefix (``ray_diffae_requests_total``, ...).
 Serve adds the ``deployment``, ``replica`` and ``application`` tags itself, so ``deployment`` is never

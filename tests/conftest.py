@@ -9,7 +9,7 @@ import tempfile
 import pytest
 import torch
 
-# The environment Ray 2.60 and moto need on this machine (see ray-notes.md); .ci/run sets the same.
+# The environment a local Ray 2.60 and moto need on this machine; .ci/run sets the same.
 for _key, _value in {
     "RAY_AUTH_MODE": "disabled",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",

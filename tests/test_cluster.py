@@ -323,7 +323,7 @@ def test_dashboard_and_rules_use_only_exported_metrics_and_show_them_all():
     expected = {"diffae_requests_total", "diffae_request_seconds", "diffae_batch_size", "diffae_model_seconds",
                 "diffae_denoise_steps_total", "diffae_train_loss", "diffae_train_images_per_second",
                 "diffae_train_samples_total"}
-    assert expected <= set(metrics), f"architecture.md §7 metrics missing from the code: {expected - set(metrics)}"
+    assert expected <= set(metrics), f"docs/architecture.md metrics missing from the code: {expected - set(metrics)}"
     serve_source = "".join(p.read_text() for p in Path(ray.serve.__file__).parent.rglob("*.py"))
     used: dict[str, set[str]] = {}
     for where, exprs in _expressions().items():

@@ -57,7 +57,7 @@ def ray_head():
 def stop_cluster(temp_dir: str, grace: float = 15.0) -> None:
     """Stop the head started with ``temp_dir``, and only it.
 
-    `ray stop` would kill every Ray process on the machine (other people's clusters, this session's
+    `ray stop` would kill every Ray process on the machine (other test clusters, this suite's
     fixture); the head's own processes are found by their command lines, which all name ``temp_dir``.
     Its workers exit when their raylet does.
     """

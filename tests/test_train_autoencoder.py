@@ -3,7 +3,7 @@
 One fit() checks several things (start-up costs ~20 s on 2 cores): the workers see disjoint shards that
 cover the data every epoch, the run survives a worker that dies mid-run and ends with exactly the planned
 number of samples, both ranks end with identical parameters, the loss falls on ``shapes``, PNG grids and
-the bundle appear in the run directory, and the Prometheus metrics of architecture.md §7 are exported.
+the bundle appear in the run directory, and the Prometheus metrics of docs/architecture.md are exported.
 """
 
 from __future__ import annotations
