@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -33,15 +34,22 @@ def local_cpus() -> int:
 
 
 def quiet_console() -> None:
-    """Driver-side settings that keep Ray's internal chatter off the terminal (it stays in Ray's logs)."""
+    """Keep Ray's internal chatter off this process's terminal; it stays in Ray's log files.
+
+    Ray's own loggers write to the terminal through console handlers; those now pass only errors (a failed
+    task, a job that cannot run), while Ray Data's session log file keeps everything. Ray Data's progress
+    bars, which would bury the job's own lines, are off.
+    """
     import ray.data
 
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if getattr(handler, "stream", None) in (sys.stdout, sys.stderr):
+                handler.setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
-    for name in ("ray.data", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def connect(num_cpus: int | None = None, num_gpus: int | None = None, **init_kwargs: Any) -> None:
@@ -55,6 +63,7 @@ def connect(num_cpus: int | None = None, num_gpus: int | None = None, **init_kwa
     if ray.is_initialized():
         return
     log_to_driver = os.environ.get("RAY_LOG_TO_DRIVER", "0").lower() in ("1", "true")
+    quiet_console()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=log_to_driver, **init_kwargs)
     else:
@@ -62,7 +71,15 @@ def connect(num_cpus: int | None = None, num_gpus: int | None = None, **init_kwa
             os.environ.setdefault(key, value)
         ray.init(address="local", num_cpus=num_cpus or local_cpus(), num_gpus=num_gpus, include_dashboard=False,
                  log_to_driver=log_to_driver, **init_kwargs)
-    quiet_console()
+
+
+def on_this_node() -> Any:
+    """A scheduling strategy that keeps an actor on the driver's node: the job's bookkeeping actors (skip
+    counts, progress) must outlive any worker node, which an elastic run may lose at any time."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 # ---- resources ---------------------------------------------------------------------------------------
@@ -111,13 +128,13 @@ def ray_storage(uri: str, endpoint: str | None = None) -> tuple[str, pafs.FileSy
 
 
 def scaling_config(num_workers: int | str, use_gpu: bool, cpus_per_worker: float,
-                   resize_interval_s: float = 60.0) -> Any:
+                   resize_interval_s: float = 60.0, extra_resources: dict[str, float] | None = None) -> Any:
     """Ray Train's ScalingConfig: a fixed worker count, or elastic (min, max) resized every
     ``resize_interval_s`` seconds while the group is healthy."""
     import ray.train
 
     low, high = worker_range(num_workers)
-    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {}), **(extra_resources or {})}
     kwargs: dict[str, Any] = {"num_workers": low if low == high else (low, high)}
     if low != high:
         kwargs["elastic_resize_monitor_interval_s"] = resize_interval_s

@@ -44,6 +44,7 @@ from diffae_core import storage
 from diffae_core.images import decode_image, pil_to_tensor, resize_center_crop, to_rgb
 
 from .attributes import AttributeTable, read_attribute_table
+from .cluster import on_this_node
 from .jobkit import JobConfig, option
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class SkipTracker:
     """
 
     def __init__(self) -> None:
-        self._ledger = _SkipLedger.remote()
+        self._ledger = _SkipLedger.options(scheduling_strategy=on_this_node()).remote()
 
     def record(self, skipped: list[tuple[str, str]], unlabelled: list[str]) -> None:
         if skipped or unlabelled:

@@ -18,6 +18,8 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
+from .cluster import on_this_node
+
 
 class ConsoleProgress:
     """Draws progress for one run. ``bar`` None: a bar when stdout is a terminal, else lines (job logs)."""
@@ -90,7 +92,7 @@ def _deliver(board: Any, console: ConsoleProgress) -> None:
 def driver_progress(console: ConsoleProgress, interval_s: float = 0.5) -> Iterator[ProgressReporter]:
     """While the block runs, a board actor whose posts a thread draws on ``console``; yields the reporter to
     hand to the workers. Everything posted before the block ends is drawn."""
-    board = ProgressBoard.remote()
+    board = ProgressBoard.options(scheduling_strategy=on_this_node()).remote()
     stop = threading.Event()
 
     def poll() -> None:

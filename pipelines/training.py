@@ -20,11 +20,11 @@ again, and every planned sample is counted once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +40,7 @@ from diffae_core.ema import EMA
 
 from . import cluster
 from .jobkit import RunDir, option
+from .ledger import Ledger
 from .progress import ConsoleProgress, driver_progress
 
 STATE_FILE = "state.pt"
@@ -108,7 +109,7 @@ class LoopContext(ABC):
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
-    attempt: int = 0
+    node: str = "local"  # where this rank runs (a Ray node id), for the audit ledger
 
     def prepare(self, module: nn.Module) -> nn.Module:
         """``module`` ready for data-parallel training (DDP when world > 1)."""
@@ -139,12 +140,14 @@ class RayTrainContext(LoopContext):
     """Inside a Ray Train worker: DDP through ``ray.train.torch``, checkpoints through ``ray.train.report``."""
 
     def __init__(self, run: str) -> None:
+        import ray
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.node = ray.get_runtime_context().get_node_id()
         self.run, self._metrics = run, None
 
     def record(self, metrics: dict[str, Any], new_samples: int) -> None:
@@ -278,7 +281,7 @@ class Schedule:
     log_every: int  # steps
     grid_every: int | None = None
     config: dict[str, Any] = field(default_factory=dict)  # the resolved job config, stored in checkpoints
-    ledger_dir: str | None = None  # audit: one JSON line per step and rank (ids trained) goes here
+    ledger_dir: str | None = None  # audit (pipelines.ledger): one JSON line per step and rank goes here
     fault_injection_step: int = 0  # test only: the last rank exits at this step of a fresh start
 
     def __post_init__(self) -> None:
@@ -311,31 +314,6 @@ class _Window:
         self.sums.zero_()
         self.samples, self.start = 0, time.perf_counter()
         return loss, rate, samples
-
-
-class _Ledger:
-    """Audit trail: each rank appends one JSON line per step (ids trained), then a final digest line."""
-
-    def __init__(self, directory: str | None, rank: int, attempt_start: int) -> None:
-        self.file, self.rank, self.attempt_start = None, rank, attempt_start
-        if directory:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            self.file = open(Path(directory) / f"rank{rank}.jsonl", "a")  # noqa: SIM115 (closed in close())
-
-    def step(self, step: int, n: int, samples: int, out: StepOutput) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps({"attempt_start": self.attempt_start, "step": step, "rank": self.rank,
-                                        "n": n, "samples": samples, "loss": float(out.loss), "ids": list(out.ids),
-                                        "epochs": list(out.epochs)}) + "\n")
-            self.file.flush()
-
-    def close(self, step: int, samples: int, model: nn.Module) -> None:
-        if self.file is None:
-            return
-        digest = torch.cat([p.detach().flatten().cpu() for p in model.parameters()]).numpy().tobytes()
-        self.file.write(json.dumps({"final": True, "rank": self.rank, "step": step, "samples": samples,
-                                    "param_digest": hashlib.sha256(digest).hexdigest()}) + "\n")
-        self.file.close()
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -390,7 +368,8 @@ def run_loop(task: TrainTask, ctx: LoopContext, schedule: Schedule, progress: An
     if state.resumed_from is not None and ctx.rank == 0:
         progress.event(f"resumed from step {state.step} ({state.samples}/{schedule.total_samples} samples) "
                        f"on {ctx.world} worker(s)")
-    ledger = _Ledger(schedule.ledger_dir, ctx.rank, state.step)
+    attempt = ctx.gather(uuid.uuid4().hex)[0]  # rank 0's id names this attempt on every rank
+    ledger = Ledger(schedule.ledger_dir, ctx.rank, attempt, state.step, ctx.world, ctx.node)
     window, metrics = _Window(ctx.device), {}
     while state.samples < schedule.total_samples:
         global_n = min(schedule.batch_size, schedule.total_samples - state.samples)
@@ -398,7 +377,7 @@ def run_loop(task: TrainTask, ctx: LoopContext, schedule: Schedule, progress: An
         out = task.step(n, n * ctx.world / global_n, state.step)  # part 2
         before, state.step, state.samples = state.samples, state.step + 1, state.samples + global_n
         window.add(out, n, global_n)
-        ledger.step(state.step, n, state.samples, out)
+        ledger.step(state.step, n, state.samples, float(out.loss), out.ids, out.epochs)
         if (schedule.fault_injection_step == state.step and state.resumed_from is None
                 and ctx.rank == ctx.world - 1):
             progress.event(f"fault injection: worker {ctx.rank} exits at step {state.step}")
@@ -420,6 +399,9 @@ class TrainerJob(RunDir):
     num_workers: int | str = option(1, help="Ray Train workers: N, or MIN-MAX for elastic training")
     use_gpu: bool = option(False, help="one GPU per worker")
     cpus_per_worker: float = option(1.0, help="logical CPUs reserved per worker")
+    worker_resources: dict[str, float] | None = option(
+        None, cli=False, help="other Ray resources each worker reserves (config file), e.g. {trainer_slot: 1} "
+                              "with one slot per node to spread the workers one per node")
     checkpoint_every: int = option(100_000, help="samples between checkpoints (the last step always checkpoints)")
     log_every: int = option(10, help="steps between progress updates and reported metrics")
     progress_bar: bool = option(True, help="a progress bar on a terminal (else a line per update)")
@@ -436,7 +418,7 @@ class TrainerJob(RunDir):
             trainer = TorchTrainer(
                 worker, train_loop_config={**loop_config, "progress": progress},
                 scaling_config=cluster.scaling_config(self.num_workers, self.use_gpu, self.cpus_per_worker,
-                                                      self.resize_interval_s),
+                                                      self.resize_interval_s, self.worker_resources),
                 run_config=cluster.run_config(self.name, self.storage, self.s3_endpoint, self.max_failures,
                                               self.keep_checkpoints),
                 datasets=datasets,

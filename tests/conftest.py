@@ -121,19 +121,24 @@ def metrics_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session (4 logical CPUs so Train workers leave room for Ray Data).
+    """One Ray for the whole session: a head node (``ray.cluster_utils.Cluster``, Ray's own multi-node test
+    harness) with 4 logical CPUs, so Train workers leave room for Ray Data. Multi-node tests add worker nodes
+    to it and kill them (``cluster`` in the yielded dict); everything else runs on the head.
 
     Yields a dict with the metrics export port. Tests share it: never call ray.shutdown() in a test.
     Ray's temp dir and metrics interval are set through its environment variables (public settings).
     """
     import ray
+    from ray.cluster_utils import Cluster
 
     temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Unix socket paths must stay under 108 bytes
     os.environ["RAY_TMPDIR"] = temp_dir
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
-             log_to_driver=False)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 4, "include_dashboard": False, "object_store_memory": 256 * 1024 * 1024})
+    ray.init(address=cluster.address, log_to_driver=False)
     try:
-        yield {"metrics_port": metrics_port(), "temp_dir": temp_dir}
+        yield {"metrics_port": metrics_port(), "temp_dir": temp_dir, "cluster": cluster}
     finally:
         ray.shutdown()
+        cluster.shutdown()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import threading
 import urllib.request
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from conftest import micro_config
 
 from diffae_core import DiffAE
 from diffae_core.config import TrainConfig
+from pipelines.ledger import audit, read
 from pipelines.train_autoencoder import TrainJobConfig, train_autoencoder
 
 pytestmark = pytest.mark.timeout(600)
@@ -74,38 +74,30 @@ def test_ddp_two_workers_fault_tolerance_and_outputs(ray_cluster, tmp_path):
     finally:
         poller.stop.set()
 
-    lines = [json.loads(s) for f in sorted(ledger.glob("rank*.jsonl")) for s in f.read_text().splitlines()]
-    steps = [r for r in lines if "final" not in r]
-    finals = {r["rank"]: r for r in lines if r.get("final")}
-    attempts = sorted({r["attempt_start"] for r in steps})
-    print(json.dumps({"attempts": attempts, "summary": result.summary}, default=str))
+    account = audit(ledger, TOTAL, BATCH)
+    print(json.dumps({"attempts": [vars(a) for a in account.attempts], "summary": result.summary}, default=str))
 
     # -- the failure happened and the run resumed from the last checkpoint before it
     # Usually step 8 (the last checkpoint before step 10). Ray Train registers a checkpoint only once every
     # rank's report() for that step has returned, so on a slow machine the dying rank can beat step 8's
     # registration and the run resumes from step 4: any checkpoint boundary before the failure is right.
     every = CHECKPOINT_EVERY // BATCH
-    assert len(attempts) == 2 and attempts[0] == 0, attempts
-    resume_step = attempts[1]
-    assert 0 < resume_step <= FAIL_AT and resume_step % every == 0, attempts
-    first = [r for r in steps if r["attempt_start"] == 0]
-    assert max(r["step"] for r in first) == FAIL_AT
+    first_attempt, second = account.attempts
+    assert first_attempt.resumed_from == 0 and first_attempt.steps == FAIL_AT and first_attempt.world == 2
+    resume_step = second.resumed_from
+    assert 0 < resume_step <= FAIL_AT and resume_step % every == 0, account.attempts
+    records = [r for r in read(ledger) if r["kind"] == "step"]
+    first = [r for r in records if r["attempt"] == first_attempt.id]
 
     # -- every sample counted exactly once: steps 1..8 of the first attempt + 9..24 of the second
-    effective = [r for r in steps if (r["attempt_start"] == 0 and r["step"] <= resume_step)
-                 or r["attempt_start"] == resume_step]
-    by_step = defaultdict(list)
-    for r in effective:
-        by_step[r["step"]].append(r)
-    assert sorted(by_step) == list(range(1, TOTAL // BATCH + 1))
-    assert all(sorted(r["rank"] for r in rs) == [0, 1] for rs in by_step.values())
-    consumed = sum(len(r["ids"]) for r in effective)
-    assert consumed == sum(r["n"] for r in effective) == TOTAL
-    redone = sum(len(r["ids"]) for r in first if r["step"] > resume_step)
-    print(f"fault tolerance: {consumed} samples counted (planned {TOTAL}), {redone} redone after the restart")
+    assert (account.planned, account.counted, account.lost, account.doubled) == (TOTAL, TOTAL, 0, 0)
+    assert account.redone == sum(r["n"] for r in first if r["step"] > resume_step) == (FAIL_AT - resume_step) * BATCH
+    assert sorted({r["step"] for r in account.kept}) == list(range(1, TOTAL // BATCH + 1))
+    assert sum(len(r["ids"]) for r in account.kept) == TOTAL
+    print(f"fault tolerance: {account.counted} samples counted (planned {TOTAL}), {account.redone} redone")
     assert result.summary["samples_seen"] == TOTAL and result.metrics["samples_seen"] == TOTAL
     assert result.summary["steps"] == TOTAL // BATCH
-    assert {r: f["samples"] for r, f in finals.items()} == {0: TOTAL, 1: TOTAL}
+    assert {r: f["samples"] for r, f in account.finals.items()} == {0: TOTAL, 1: TOTAL}
 
     # -- disjoint shards covering the data, in every full epoch the first attempt saw (epochs 0 and 1)
     all_ids = {f"shapes-{i:07d}" for i in range(N_IMAGES)}
@@ -117,10 +109,10 @@ def test_ddp_two_workers_fault_tolerance_and_outputs(ray_cluster, tmp_path):
         assert set(per_rank[0]) | set(per_rank[1]) == all_ids, epoch
 
     # -- DDP kept the replicas identical
-    assert finals[0]["param_digest"] == finals[1]["param_digest"]
+    assert account.finals[0]["param_digest"] == account.finals[1]["param_digest"]
 
     # -- the loss falls (per-step losses of both ranks, effective steps)
-    loss = {s: sum(r["loss"] for r in rs) / len(rs) for s, rs in by_step.items()}
+    loss = account.losses()
     early, late = sum(loss[s] for s in range(1, 5)) / 4, sum(loss[s] for s in range(21, 25)) / 4
     print(f"loss: first 4 steps {early:.3f}, last 4 steps {late:.3f}")
     assert late < 0.7 * early
