@@ -1,15 +1,17 @@
 """cluster/: manifests, Ray configs, Prometheus rules and the Grafana dashboard are checked against the real
-tools (kubernetes-validate's schemas, KubeRay's CRD schemas, Ray's own config schema and packager, promtool)
-and the real code (job parsers, serve import path, metric definitions), and the metrics are proven end to
-end through a real Prometheus scraping Ray's metrics export port while the Serve app answers requests and
-a training runs.
+tools (kubernetes-validate's schemas, KubeRay's and the Prometheus Operator's CRD schemas, Ray's own config
+schema and packager, promtool) and the real code (job parsers, serve import path, Serve options, metric
+definitions), and the metrics are proven end to end through a real Prometheus scraping Ray's metrics export
+port while the Serve app answers requests and a training runs.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import gzip
 import importlib
+import importlib.util
 import json
 import math
 import re
@@ -33,6 +35,16 @@ KUBERAY = CLUSTER / "kuberay"
 PROMETHEUS_DIR = CLUSTER / "prometheus"
 DASHBOARD = CLUSTER / "grafana" / "diffae.json"
 SERVE_CONFIG = ROOT / "serving" / "serve_config.yaml"
+SERVE_GPU = KUBERAY / "serve-gpu.yaml"
+GENERATED = [KUBERAY / "rayjob-train.yaml", KUBERAY / "rayservice.yaml", CLUSTER / "ray-cluster.yaml",
+             PROMETHEUS_DIR / "kuberay-monitoring.yaml"]
+IMAGE = yaml.safe_load((CLUSTER / "image.yaml").read_text())["image"]
+SERVICE_ACCOUNT = "diffae-ray"
+AUTH_SECRET = "diffae-ray-auth"
+# KubeRay v1.7 reads the token from this key of authOptions.secretName (utils.RAY_AUTH_TOKEN_SECRET_KEY) and
+# refuses token mode below this Ray version (utils/validation.go).
+AUTH_SECRET_KEY = "auth_token"
+KUBERAY_TOKEN_AUTH_MIN_RAY = (2, 52, 0)
 KUBERNETES_VERSION = "1.30"  # the oldest Kubernetes the manifests target
 IMAGE_WORKDIR = "/home/ray/diffae-ray"  # where cluster/Dockerfile puts this repository
 VERSION = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]  # = the image tag
@@ -61,6 +73,18 @@ def _env(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
 
 
+def _generator():
+    """cluster/generate.py as a module (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("cluster_generate", CLUSTER / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _vendored(path: Path) -> dict[str, Any]:
+    return json.loads(gzip.decompress(path.read_bytes()))
+
+
 def _promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
@@ -82,19 +106,71 @@ def test_every_yaml_parses_and_generated_files_are_current():
 def test_generated_manifests_embed_their_sources(tmp_path):
     service, _ = _ray_manifest("rayservice.yaml")
     serve_config = yaml.safe_load(SERVE_CONFIG.read_text())
-    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == serve_config
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    # serve_config.yaml, except what serve-gpu.yaml sets: the GPU deployments' num_gpus and dtype in the args
+    # and the GPUs their replicas reserve (test_rayservice_gpu_replicas_fit_its_gpu_worker_group checks those).
+    gpu = yaml.safe_load(SERVE_GPU.read_text())
+    assert gpu and set(gpu) < set(embedded["applications"][0]["args"]["deployments"])
+    for config in (embedded, serve_config):
+        (app,) = config["applications"]
+        for name, settings in app["args"]["deployments"].items():
+            for key in gpu.get(name, {}):
+                settings.pop(key, None)
+        for options in app["deployments"]:
+            options["ray_actor_options"].pop("num_gpus", None)
+    assert embedded == serve_config
     # A model upgrade: the same RayService with only the bundle URI changed.
     upgrade = tmp_path / "rayservice-v2.yaml"
     subprocess.run([sys.executable, str(CLUSTER / "generate.py"), "--bundle", "s3://models/v2", "--out", str(upgrade)],
                    check=True, capture_output=True)
     (upgraded,) = _docs(upgrade)
-    serve_config["applications"][0]["args"]["bundle"] = "s3://models/v2"
-    assert yaml.safe_load(upgraded["spec"].pop("serveConfigV2")) == serve_config
-    service["spec"].pop("serveConfigV2")
+    upgraded_config = yaml.safe_load(upgraded["spec"].pop("serveConfigV2"))
+    current_config = yaml.safe_load(service["spec"].pop("serveConfigV2"))
+    assert upgraded_config["applications"][0]["args"].pop("bundle") == "s3://models/v2"
+    current_config["applications"][0]["args"].pop("bundle")
+    assert upgraded_config == current_config
     assert upgraded == service
-    _, rule = _docs(PROMETHEUS_DIR / "kuberay-monitoring.yaml")
+    _, _, rule = _docs(PROMETHEUS_DIR / "kuberay-monitoring.yaml")
     assert rule["kind"] == "PrometheusRule"
     assert rule["spec"] == yaml.safe_load((PROMETHEUS_DIR / "rules.yml").read_text())
+
+
+def test_the_image_and_its_ray_version_are_named_once(monkeypatch, capsys):
+    """cluster/image.yaml names the image and cluster/Dockerfile's base image the Ray version; every manifest
+    gets both from the generator, and `generate.py --check` fails when a manifest no longer matches them."""
+    generate = _generator()
+    assert IMAGE.endswith(f"/diffae-ray:{VERSION}")
+    assert generate.main(["--image"]) == 0 and capsys.readouterr().out.strip() == IMAGE
+    ray_version = _dockerfile_ray_version()
+    manifests = {path.name: _docs(path)[0] for path in GENERATED[:3]}
+    images = [c["image"] for name in ("rayjob-train.yaml", "rayservice.yaml")
+              for template in _pod_templates(*_ray_manifest(name)).values() for c in template["spec"]["containers"]]
+    assert len(images) == 5 and set(images) == {IMAGE}
+    assert manifests["ray-cluster.yaml"]["docker"]["image"] == IMAGE
+    assert {_ray_manifest(name)[1]["rayVersion"] for name in ("rayjob-train.yaml", "rayservice.yaml")} == {ray_version}
+    # Nothing else in the repository's cluster files and operations guide spells them out.
+    generated = set(GENERATED) | {CLUSTER / "image.yaml"}
+    for path in sorted(CLUSTER.rglob("*")) + [ROOT / "docs" / "operations.md"]:
+        if path.is_file() and path not in generated and path.suffix != ".gz":
+            text = path.read_text()
+            assert IMAGE not in text, f"{path.relative_to(ROOT)} names the image: use ${{IMAGE}} or generate.py --image"
+            assert f'rayVersion: "{ray_version}"' not in text, f"{path.relative_to(ROOT)}: use ${{RAY_VERSION}}"
+    # Another image in image.yaml reaches every manifest that runs it, and --check reports each stale one.
+    real = generate.placeholders
+
+    def moved() -> dict[str, str]:
+        return {**real(), "IMAGE": "registry.internal/diffae-ray:9.9.9"}
+
+    monkeypatch.setattr(generate, "placeholders", moved)
+    assert generate.main(["--check"]) == 1
+    stale = capsys.readouterr().err
+    for path in GENERATED[:3]:
+        assert f"{path.relative_to(ROOT)} is out of date" in stale
+        assert "image: registry.internal/diffae-ray:9.9.9" in generate.render(path)
+    assert "kuberay-monitoring.yaml" not in stale
+    monkeypatch.setattr(generate, "placeholders", lambda: {"IMAGE": "x"})
+    with pytest.raises(ValueError, match=r"unknown \$\{RAY_VERSION\}"):  # a name without a value is an error
+        generate.render(GENERATED[0])
 
 
 def test_kubernetes_objects_validate():
@@ -110,10 +186,10 @@ def test_kubernetes_objects_validate():
             validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{name}-{group}"},
                       "template": template})
             count += 1
-    for doc in _docs(KUBERAY / "network-policy.yaml"):
+    for doc in _docs(KUBERAY / "network-policy.yaml") + _docs(KUBERAY / "service-account.yaml"):
         validate(doc)
         count += 1
-    assert count == 6
+    assert count == 7
     broken = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"},
               "template": {"spec": {"containers": [{"name": "c", "image": "i", "resourcez": {}}]}}}
     with pytest.raises(kubernetes_validate.ValidationError):  # the validator really looks
@@ -132,21 +208,37 @@ def _strict(schema: Any) -> Any:
     return schema
 
 
-def test_kuberay_manifests_validate_against_the_kuberay_crds():
-    import gzip
-
+def _crd_errors(vendored: dict[str, Any], obj: dict[str, Any]) -> list[str]:
     import jsonschema
 
-    vendored = json.loads(gzip.decompress((KUBERAY / "crd-schemas.json.gz").read_bytes()))
+    validator = jsonschema.Draft7Validator(_strict(vendored["schemas"][obj["kind"]]))
+    return [f"{obj['kind']} {'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(obj)]
+
+
+def test_kuberay_manifests_validate_against_the_kuberay_crds():
+    vendored = _vendored(KUBERAY / "crd-schemas.json.gz")
+    assert vendored["kuberay"] == "v1.7.0"
     for name, kind in (("rayjob-train.yaml", "RayJob"), ("rayservice.yaml", "RayService")):
         obj, _ = _ray_manifest(name)
         assert obj["kind"] == kind
-        validator = jsonschema.Draft7Validator(_strict(vendored["schemas"][kind]))
-        errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(obj)]
-        assert not errors, f"{name} vs KubeRay {vendored['kuberay']}: {errors}"
+        assert not _crd_errors(vendored, obj), f"{name} vs KubeRay {vendored['kuberay']}"
         typo = json.loads(json.dumps(obj))
         typo["spec"]["shutdownAfterJobFinish"] = True  # the validator really rejects unknown fields
-        assert not validator.is_valid(typo)
+        assert _crd_errors(vendored, typo)
+        no_mode = json.loads(json.dumps(obj))
+        (no_mode["spec"].get("rayClusterSpec") or no_mode["spec"]["rayClusterConfig"])["authOptions"]["mode"] = "Token"
+        assert _crd_errors(vendored, no_mode)  # authOptions.mode is an enum
+
+
+def test_monitoring_objects_validate_against_the_prometheus_operator_crds():
+    vendored = _vendored(PROMETHEUS_DIR / "crd-schemas.json.gz")
+    docs = _docs(PROMETHEUS_DIR / "kuberay-monitoring.yaml")
+    assert [d["kind"] for d in docs] == ["PodMonitor", "PodMonitor", "PrometheusRule"]
+    for doc in docs:
+        assert not _crd_errors(vendored, doc), f"vs Prometheus Operator {vendored['prometheus-operator']}"
+    typo = json.loads(json.dumps(docs[0]))
+    typo["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["action"] = "copy"
+    assert _crd_errors(vendored, typo)
 
 
 def _check_ray_cluster(cluster: dict[str, Any], dockerfile_ray: str) -> None:
@@ -166,15 +258,70 @@ def _check_ray_cluster(cluster: dict[str, Any], dockerfile_ray: str) -> None:
         assert any(t["key"] == "nvidia.com/gpu" for t in tolerations)
     for template in [head["template"]] + [g["template"] for g in groups]:
         for container in template["spec"]["containers"]:
-            assert container["image"].endswith(f"/diffae-ray:{VERSION}")
+            assert container["image"] == IMAGE
             assert "ray stop" in " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
-            env = _env(container)
-            assert env["RAY_AUTH_MODE"] == "token"
-            assert env["RAY_AUTH_TOKEN"]["secretKeyRef"]["name"] == "diffae-ray-auth"
 
 
 def _dockerfile_ray_version() -> str:
     return re.search(r"^FROM rayproject/ray:([\d.]+)-", (CLUSTER / "Dockerfile").read_text(), re.M)[1]
+
+
+# KubeRay's own PodMonitor sample (config/prometheus/podMonitor.yaml, v1.7) relabels every endpoint so.
+KUBERAY_RELABELING = {"action": "replace", "sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"],
+                      "targetLabel": "ray_io_cluster"}
+
+
+def _ray_default_port(relative: str, name: str) -> int:
+    """A metrics port Ray listens on by default, read from Ray's source (``NAME = env_integer("NAME", port)``)."""
+    import ray
+
+    source = (Path(ray.__file__).parent / relative).read_text()
+    return int(re.search(rf'{name} = env_integer\("{name}", (\d+)\)', source)[1])
+
+
+def test_podmonitors_relabel_like_kuberay_and_scrape_every_metrics_port_of_every_ray_pod():
+    import ray
+
+    monitors = [d for d in _docs(PROMETHEUS_DIR / "kuberay-monitoring.yaml") if d["kind"] == "PodMonitor"]
+    for monitor in monitors:
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            assert KUBERAY_RELABELING in endpoint["relabelings"], (monitor["metadata"]["name"], endpoint["port"])
+    # `ray_io_cluster` is the label Ray's own Grafana dashboards filter clusters by.
+    dashboards = Path(ray.__file__).parent / "dashboard" / "modules" / "metrics" / "dashboards"
+    assert any("ray_io_cluster" in path.read_text() for path in dashboards.glob("*.json"))
+    default_ports = {"as-metrics": _ray_default_port("autoscaler/_private/constants.py", "AUTOSCALER_METRIC_PORT"),
+                     "dash-metrics": _ray_default_port("dashboard/consts.py", "DASHBOARD_METRIC_PORT")}
+    (policy,) = _docs(KUBERAY / "network-policy.yaml")
+    (from_monitoring,) = [rule for rule in policy["spec"]["ingress"] for peer in rule.get("from", [])
+                          if peer.get("namespaceSelector", {}).get("matchLabels", {}).get(
+                              "kubernetes.io/metadata.name") == "monitoring"]
+    open_to_prometheus = {port["port"] for port in from_monitoring["ports"]}
+    scraped: dict[str, set[str]] = {m["metadata"]["name"]: set() for m in monitors}
+    for name, obj, cluster in _kuberay_manifests():
+        groups = [("head", cluster["headGroupSpec"])] + [("worker", g) for g in cluster["workerGroupSpecs"]]
+        for node_type, group in groups:
+            # The labels KubeRay puts on the pod next to the template's own.
+            labels = {**group["template"]["metadata"]["labels"], "ray.io/node-type": node_type,
+                      "ray.io/is-ray-node": "yes", "ray.io/cluster": obj["metadata"]["name"]}
+            selecting = [m for m in monitors if m["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+            assert len(selecting) == 1, f"{name} {node_type}: scraped by {len(selecting)} PodMonitors"
+            ports = {port["name"]: port["containerPort"] for container in group["template"]["spec"]["containers"]
+                     for port in container.get("ports", [])}
+            metrics = {port for port in ports if port.endswith("metrics")}
+            endpoints = {e["port"] for e in selecting[0]["spec"]["podMetricsEndpoints"]}
+            assert metrics <= endpoints, f"{name} {node_type}: {metrics - endpoints} not scraped"
+            assert ports["metrics"] == int(group["rayStartParams"]["metrics-export-port"])
+            for port, number in default_ports.items():
+                assert ports.get(port, number) == number, f"{name} {node_type}: Ray exports {port} on {number}"
+            assert {ports[port] for port in metrics} <= open_to_prometheus, "the network policy blocks a scrape"
+            scraped[selecting[0]["metadata"]["name"]] |= metrics
+        # Only an autoscaled cluster runs the autoscaler whose metrics `as-metrics` carries.
+        head_ports = {p["name"] for c in cluster["headGroupSpec"]["template"]["spec"]["containers"] for p in c["ports"]}
+        assert ("as-metrics" in head_ports) == bool(cluster.get("enableInTreeAutoscaling")), name
+        submitter = obj["spec"].get("submitterPodTemplate", {}).get("metadata", {}).get("labels", {})
+        assert not any(m["spec"]["selector"]["matchLabels"].items() <= submitter.items() for m in monitors)
+    for monitor in monitors:  # every endpoint names a port some selected pod has
+        assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == scraped[monitor["metadata"]["name"]]
 
 
 def test_the_package_pins_the_cluster_images_ray():
@@ -186,6 +333,144 @@ def test_the_package_pins_the_cluster_images_ray():
     assert ray_pin.split("~=")[1].split()[0] == _dockerfile_ray_version(), ray_pin
     (torch_pin,) = [d for d in deps if d.startswith("torch>")]
     assert torch_pin.startswith("torch>=") and "==" not in torch_pin  # a CUDA or NGC build of torch also fits
+
+
+def _kuberay_manifests() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    return [(name, *_ray_manifest(name)) for name in ("rayjob-train.yaml", "rayservice.yaml")]
+
+
+def test_every_ray_cluster_uses_kuberay_token_auth_with_the_secret_it_reads():
+    """KubeRay sends the token to the dashboard, and sets RAY_AUTH_MODE / RAY_AUTH_TOKEN on every container it
+    runs, only for a cluster spec with authOptions; it reads the token from the Secret's key `auth_token`."""
+    for name, obj, cluster in _kuberay_manifests():
+        assert cluster["authOptions"] == {"mode": "token", "secretName": AUTH_SECRET}, name
+        ray_version = tuple(int(part) for part in cluster["rayVersion"].split("."))
+        assert ray_version >= KUBERAY_TOKEN_AUTH_MIN_RAY, f"KubeRay refuses token auth on Ray {cluster['rayVersion']}"
+        # KubeRay adds its variables only where a container has none: a hand-set one would win over them.
+        containers = [c for t in _pod_templates(obj, cluster).values() for c in t["spec"]["containers"]]
+        containers.append(cluster.get("autoscalerOptions", {}))
+        for container in containers:
+            assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(_env(container)), f"{name}: leave them to KubeRay"
+    # Wherever the Secret is explained, it is created with the key KubeRay reads.
+    create = f"kubectl create secret generic {AUTH_SECRET} --from-literal={AUTH_SECRET_KEY}="
+    for path in (KUBERAY / "rayjob-train.yaml", KUBERAY / "rayservice.yaml", ROOT / "docs" / "operations.md"):
+        text = path.read_text()
+        assert create in text, f"{path.relative_to(ROOT)} does not say how to create the Secret"
+        assert f"{AUTH_SECRET} --from-literal=token=" not in text
+
+
+def test_pods_run_as_the_service_account_and_only_the_autoscaler_gets_an_api_token():
+    (account,) = _docs(KUBERAY / "service-account.yaml")
+    assert account["kind"] == "ServiceAccount" and account["metadata"]["name"] == SERVICE_ACCOUNT
+    assert account["automountServiceAccountToken"] is False
+    # KubeRay creates (and binds to the head's account) the autoscaler's Role itself: none is shipped here.
+    kinds = {d.get("kind") for path in KUBERAY.glob("*.yaml") for d in _docs(path)}
+    assert not kinds & {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+    heads_with_token = []
+    for name, obj, cluster in _kuberay_manifests():
+        for group, template in _pod_templates(obj, cluster).items():
+            spec = template["spec"]
+            assert spec["serviceAccountName"] == SERVICE_ACCOUNT, f"{name} {group}"
+            if spec.get("automountServiceAccountToken", False):
+                heads_with_token.append(f"{name} {group}")
+        # An autoscaled cluster's head runs KubeRay's autoscaler, which scales pods through the Kubernetes API.
+        if cluster.get("enableInTreeAutoscaling"):
+            assert cluster["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    assert heads_with_token == ["rayservice.yaml head"]
+
+
+def _quantity(value: Any) -> float:
+    """A Kubernetes quantity of CPUs or GPUs ("6", 1, "500m") as a number."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _ray_node(group: dict[str, Any]) -> tuple[float, int]:
+    """(CPUs, GPUs) that Ray advertises on one pod of a head or worker group, as KubeRay starts it: the
+    rayStartParams num-cpus / num-gpus where given, else the Ray container's limits (CPUs: else requests,
+    rounded up). The GPUs must be the ones Kubernetes gives the pod."""
+    container = group["template"]["spec"]["containers"][0]  # KubeRay's Ray container
+    limits = container["resources"].get("limits", {})
+    requests = container["resources"].get("requests", {})
+    gpus = int(limits.get("nvidia.com/gpu", 0))
+    assert int(requests.get("nvidia.com/gpu", gpus)) == gpus, "Kubernetes needs GPU requests == limits"
+    params = group["rayStartParams"]
+    if "num-gpus" in params:
+        assert int(params["num-gpus"]) == gpus, "Ray would advertise other GPUs than the pod has"
+    if gpus:
+        assert any(t["key"] == "nvidia.com/gpu" for t in group["template"]["spec"].get("tolerations", []))
+    cpus = float(params["num-cpus"]) if "num-cpus" in params else math.ceil(
+        _quantity(limits.get("cpu", requests.get("cpu", 0))))
+    return cpus, gpus
+
+
+def _ray_nodes(cluster: dict[str, Any], size: str) -> list[tuple[float, int]]:
+    """The head and ``size`` ("minReplicas" or "maxReplicas") pods of every worker group."""
+    return [_ray_node(cluster["headGroupSpec"])] + [
+        _ray_node(g) for g in cluster["workerGroupSpecs"] for _ in range(g[size])]
+
+
+def _fits(replicas: list[tuple[float, float]], nodes: list[tuple[float, int]]) -> bool:
+    """Whether replicas, each (CPUs, GPUs), can be placed on Ray nodes, each (CPUs, GPUs): first fit, the
+    largest GPU share first. As in Ray, a fractional share comes from one GPU; a whole number of GPUs takes
+    that many unshared GPUs of one node. True means a placement exists."""
+    free = [[cpus, [1.0] * gpus] for cpus, gpus in nodes]
+    for cpus, share in sorted(replicas, key=lambda r: (r[1], r[0]), reverse=True):
+        for node in free:
+            if node[0] + 1e-9 < cpus:
+                continue
+            if share >= 1:
+                whole = [i for i, f in enumerate(node[1]) if f >= 1 - 1e-9]
+                if share != int(share) or len(whole) < share:
+                    continue
+                for i in whole[: int(share)]:
+                    node[1][i] = 0.0
+            elif share > 0:
+                shared = [i for i, f in enumerate(node[1]) if f + 1e-9 >= share]
+                if not shared:
+                    continue
+                node[1][shared[0]] -= share
+            node[0] -= cpus
+            break
+        else:
+            return False
+    return True
+
+
+def test_rayservice_gpu_replicas_fit_its_gpu_worker_group():
+    """The serving group's GPUs are what Serve's GPU replicas ask for: each GPU deployment's share fits a pod
+    of a GPU group, and all replicas fit the cluster at the deployments' min_replicas on the groups' minReplicas
+    pods and at max_replicas on maxReplicas pods."""
+    from serving.app import deployment_options
+    from serving.settings import DEPLOYMENTS, AppSettings
+
+    service, cluster = _ray_manifest("rayservice.yaml")
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    settings = AppSettings.from_args(app["args"]).deployments
+    # The deployments section (which Serve applies over the code's options) reserves what build_app derives.
+    options = {d.pop("name"): d for d in app["deployments"]}
+    assert options == {name: deployment_options(s) for name, s in settings.items()}
+    gpu = {name: s for name, s in settings.items() if s.num_gpus > 0}
+    assert set(gpu) == set(yaml.safe_load(SERVE_GPU.read_text())) == {"Encoder", "Decoder"}
+    for name in set(DEPLOYMENTS) - set(gpu):
+        assert settings[name].dtype != "fp16", f"{name} computes on the CPU, where fp16 is not offered"
+    assert all(s.dtype == "bf16" for s in gpu.values())
+    gpu_pods = [_ray_node(g) for g in cluster["workerGroupSpecs"] if _ray_node(g)[1] > 0]
+    for name, s in gpu.items():
+        assert any(gpus >= math.ceil(s.num_gpus) and cpus >= s.num_cpus for cpus, gpus in gpu_pods), name
+        assert s.num_gpus < 1 or s.num_gpus == int(s.num_gpus), f"{name}: more than one GPU must be whole GPUs"
+
+    def demand(replicas: str, changed: dict[str, float] | None = None) -> list[tuple[float, float]]:
+        return [(s.num_cpus, (changed or {}).get(name, s.num_gpus))
+                for name, s in settings.items() for _ in range(s.autoscaling_config()[replicas])]
+
+    assert _fits(demand("min_replicas"), _ray_nodes(cluster, "minReplicas"))
+    assert _fits(demand("max_replicas"), _ray_nodes(cluster, "maxReplicas"))
+    # The check can fail: a whole GPU per decoder does not fit beside the encoder on the one minimum pod,
+    # nor its max_replicas on the group's GPUs; a replica that asks for more GPUs than a pod has never fits.
+    assert not _fits(demand("min_replicas", {"Decoder": 1.0}), _ray_nodes(cluster, "minReplicas"))
+    assert not _fits(demand("max_replicas", {"Decoder": 1.0}), _ray_nodes(cluster, "maxReplicas"))
+    assert not _fits([(1.0, 2.0)], _ray_nodes(cluster, "maxReplicas"))
 
 
 def test_rayjob_has_what_kuberay_needs_and_runs_the_real_pipeline():
@@ -201,9 +486,10 @@ def test_rayjob_has_what_kuberay_needs_and_runs_the_real_pipeline():
     script = ROOT / command[1][len(IMAGE_WORKDIR) + 1:]
     assert script.is_file()
     env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
-    gpus = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-               for g in cluster["workerGroupSpecs"])
-    assert int(env["DIFFAE_NUM_WORKERS"]) <= gpus, "Ray Train would wait forever for GPUs"
+    # Ray Train asks for all its workers (one GPU and DIFFAE_CPUS_PER_WORKER CPUs each) at once.
+    workers = [(float(env["DIFFAE_CPUS_PER_WORKER"]), 1.0)] * int(env["DIFFAE_NUM_WORKERS"])
+    assert _fits(workers, _ray_nodes(cluster, "minReplicas")), "Ray Train would wait forever for its workers"
+    assert not _fits(workers + [(0.0, 1.0)], _ray_nodes(cluster, "minReplicas"))
     _check_pipeline_commands(script, env)
 
 
