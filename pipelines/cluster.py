@@ -13,6 +13,8 @@ import logging
 import os
 import re
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -52,6 +54,32 @@ def quiet_console() -> None:
     ctx.enable_auto_log_stats = False
 
 
+def native_stderr_to_ray_logs() -> Path | None:
+    """Send what Ray's C++ core worker in this process writes to file descriptor 2 into Ray's log directory.
+
+    Besides its log file, Ray's core worker copies its error-level lines to fd 2, also for conditions that
+    are not failures (e.g. "Actor ... has constructor arguments in the object store and max_restarts > 0"
+    for every Ray Data actor pool). Python's ``sys.stderr`` (tracebacks, warnings, progress bars, Ray's own
+    error logs) stays on the terminal: only the descriptor underneath moves. Returns the file, or None when
+    Ray's log directory on this machine is not found (then nothing changes).
+    """
+    logs = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray" / "session_latest" / "logs"
+    if not logs.is_dir():
+        return None
+    path = logs / f"driver-native-{os.getpid()}.err"
+    terminal = os.fdopen(os.dup(2), "w", buffering=1)
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stderr.flush()
+    os.dup2(target, 2)
+    os.close(target)
+    for name in ("ray", "ray.data"):  # Ray's console handlers write to the old stderr object: point them back
+        for handler in logging.getLogger(name).handlers:
+            if getattr(handler, "stream", None) is sys.stderr:
+                handler.setStream(terminal)
+    sys.stderr = terminal
+    return path
+
+
 def connect(num_cpus: int | None = None, num_gpus: int | None = None, **init_kwargs: Any) -> None:
     """Make sure this process is connected to Ray (see the module docstring); a no-op when it already is.
 
@@ -71,6 +99,8 @@ def connect(num_cpus: int | None = None, num_gpus: int | None = None, **init_kwa
             os.environ.setdefault(key, value)
         ray.init(address="local", num_cpus=num_cpus or local_cpus(), num_gpus=num_gpus, include_dashboard=False,
                  log_to_driver=log_to_driver, **init_kwargs)
+    if not log_to_driver:  # RAY_LOG_TO_DRIVER=1 asks for everything on the terminal
+        native_stderr_to_ray_logs()
 
 
 def on_this_node() -> Any:

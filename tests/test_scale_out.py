@@ -28,7 +28,7 @@ from diffae_core.config import TrainConfig
 from pipelines.ledger import audit, read
 from pipelines.train_autoencoder import TrainJobConfig, train_autoencoder
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(1200)
 
 N_IMAGES, N_CORRUPT = 60, 2
 BATCH = 10  # 3 workers: 4 + 3 + 3 rows, the extra row rotating; 2 workers: 5 + 5
