@@ -26,14 +26,17 @@ CONFIG_FILE = Path(__file__).parent / "serve_config.yaml"
 
 def deployment_options(scaling: Scaling) -> dict[str, Any]:
     """The Serve options of one deployment, exactly as serve_config.yaml's `deployments` section lists them."""
-    return {
+    options = {
         "autoscaling_config": scaling.autoscaling_config(),
         "max_ongoing_requests": scaling.max_ongoing_requests,
         "max_queued_requests": scaling.max_queued_requests,
-        "ray_actor_options": {"num_cpus": scaling.num_cpus, **({"num_gpus": scaling.num_gpus} if scaling.num_gpus else {})},
+        "ray_actor_options": scaling.actor_options(),
         "health_check_period_s": scaling.health_check_period_s,
         "health_check_timeout_s": scaling.health_check_timeout_s,
     }
+    if scaling.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = scaling.max_replicas_per_node
+    return options
 
 
 def build_app(args: dict[str, Any]) -> Application:

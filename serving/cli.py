@@ -26,14 +26,15 @@ _proxy: tuple[str, int] | None = None  # where the Serve proxy this process star
 
 
 def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
-          route_prefix: str = "/") -> str:
+          route_prefix: str = "/", proxy_location: str = "EveryNode") -> str:
     """Deploy the application for ``args`` (see ``serving.settings``; ``{"bundle": URI}`` suffices) on the
     running Ray (``ray.init`` first) and return its base URL, e.g. ``http://127.0.0.1:8000``, once every
     deployment is running.
 
     Starts Serve's HTTP proxy on ``host:port`` unless this process started Serve already: then the app joins
     that proxy and the URL returned is its address (the app answers under ``route_prefix``). Deploying again under the same ``name`` replaces the
-    application in place. Raises RuntimeError when Ray has fewer logical CPUs or GPUs than the minimum
+    application in place. ``proxy_location`` is Serve's (``EveryNode``, ``HeadOnly``) for a Serve started here.
+    Raises RuntimeError when Ray has fewer logical CPUs or GPUs than the minimum
     replicas reserve, or when a Serve started elsewhere does not answer on ``host:port``.
     """
     import ray
@@ -51,7 +52,7 @@ def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, name:
                 f"the app's minimum replicas reserve {needed:g} logical {resource}s but this Ray has "
                 f"{have.get(resource, 0):g}: start Ray with more (ray.init(num_cpus=..., num_gpus=...), "
                 f"`diffae serve --num-cpus`) or lower deployments.*.{per_replica}")
-    address = _serve(host, port)
+    address = _serve(host, port, proxy_location)
     serve.run(build_app(args), name=name, route_prefix=route_prefix)
     url = f"http://{address[0]}:{address[1]}"
     if not _answers(url):
@@ -60,13 +61,13 @@ def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, name:
     return url
 
 
-def _serve(host: str, port: int) -> tuple[str, int]:
+def _serve(host: str, port: int, proxy_location: str) -> tuple[str, int]:
     """Start Serve's proxy on host:port, unless this process started one that still runs; its address."""
     global _proxy
     from ray import serve
 
     if _proxy is None or not _answers(f"http://{_proxy[0]}:{_proxy[1]}"):
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
         _proxy = ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port)
     return _proxy
 

@@ -101,6 +101,9 @@ class Scaling:
     torch_threads: int | None = None  # intra-op threads per replica; None: max(1, int(num_cpus))
     upscale_delay_s: float | None = None  # None: Serve's default
     downscale_delay_s: float | None = None
+    look_back_period_s: float | None = None  # window of the load the autoscaler averages; None: Serve's default
+    max_replicas_per_node: int | None = None  # spread replicas over nodes (a lost node takes at most this many)
+    resources: dict[str, float] | None = None  # other Ray resources per replica, e.g. a node label resource
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
 
@@ -128,11 +131,15 @@ class Scaling:
             "max_replicas": self.max_replicas,
             "target_ongoing_requests": self.target_ongoing_requests,
         }
-        if self.upscale_delay_s is not None:
-            config["upscale_delay_s"] = self.upscale_delay_s
-        if self.downscale_delay_s is not None:
-            config["downscale_delay_s"] = self.downscale_delay_s
+        for name in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s"):
+            if getattr(self, name) is not None:
+                config[name] = getattr(self, name)
         return config
+
+    def actor_options(self) -> dict[str, Any]:
+        """Serve's ``ray_actor_options``: the CPUs, GPUs and other resources each replica reserves."""
+        return {"num_cpus": self.num_cpus, **({"num_gpus": self.num_gpus} if self.num_gpus else {}),
+                **({"resources": dict(self.resources)} if self.resources else {})}
 
 
 def _default_scaling() -> dict[str, Scaling]:

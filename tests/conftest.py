@@ -112,6 +112,9 @@ def s3_bucket(s3_endpoint, request):
             os.environ["AWS_ENDPOINT_URL"] = old
 
 
+HEAD_RESOURCE = "test_head"  # only the session's head node has it: multi-node tests pin actors there with it
+
+
 def metrics_port() -> int:
     """The Prometheus export port of the connected Ray's first live node (found through ``ray.nodes()``)."""
     import ray
@@ -135,7 +138,8 @@ def ray_cluster():
     os.environ["RAY_TMPDIR"] = temp_dir
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 4, "include_dashboard": False, "object_store_memory": 256 * 1024 * 1024})
+        "num_cpus": 4, "include_dashboard": False, "object_store_memory": 256 * 1024 * 1024,
+        "resources": {HEAD_RESOURCE: 100}})
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         yield {"metrics_port": metrics_port(), "temp_dir": temp_dir, "cluster": cluster}

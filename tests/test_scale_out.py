@@ -32,7 +32,7 @@ pytestmark = pytest.mark.timeout(1200)
 
 N_IMAGES, N_CORRUPT = 60, 2
 BATCH = 10  # 3 workers: 4 + 3 + 3 rows, the extra row rotating; 2 workers: 5 + 5
-STEPS = 80
+STEPS = 48
 CHECKPOINT_EVERY = 4 * BATCH
 NODE = {"num_cpus": 1, "resources": {"trainer_slot": 1}}
 
