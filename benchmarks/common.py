@@ -7,6 +7,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -47,3 +48,15 @@ def machine() -> str:
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     return f"CPU {cpu} x{os.cpu_count()} ({torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
+def write_block(path: Path, block: str, begin: str, end: str) -> None:
+    """Replace the part of ``path`` between the ``begin`` and ``end`` markers with ``block`` (which carries
+    the markers itself); append it when the file has none. The hand-written text around it stays."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)

@@ -26,6 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import write_block  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (arguments, what it measures). Sizes are chosen so the whole suite takes ~15 min on 2 cores.
@@ -94,17 +98,6 @@ def demo_figures() -> str:
 BEGIN, END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
 
 
-def write_block(path: Path, block: str) -> None:
-    """Replace the marked block of ``path`` with ``block`` (append it when the file has none)."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these benchmarks")
@@ -129,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         command = "python " + " ".join(shlex.quote(a) for a in args)
         parts += [f"### {name}\n", f"{what}. Command: `{command}` ({seconds:.0f} s).\n", "```", out, "```\n"]
     parts.append(END)
-    write_block(Path(ns.out), "\n".join(parts))
+    write_block(Path(ns.out), "\n".join(parts), BEGIN, END)
     print(f"wrote {ns.out}")
     return 1 if failed else 0
 

@@ -14,13 +14,10 @@ Prints a markdown table and the throughput factor batching gives at the highest 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine  # noqa: E402
 from diffae_core import DiffAE  # noqa: E402
 from diffae_core.images import png_bytes  # noqa: E402
+from serving.loadgen import ClosedLoop, summary  # noqa: E402
 
 
 def make_bundle(preset: str, root: str) -> str:
@@ -58,34 +56,10 @@ def app_args(bundle: str, max_batch_size: int, threads: int) -> dict:
     }
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-async def closed_loop(url: str, path: str, body: dict, concurrency: int, requests: int) -> dict:
-    """``requests`` calls from ``concurrency`` clients; returns rps and latency percentiles (ms)."""
-    import httpx
-
-    latencies: list[float] = []
-    failures = 0
-    remaining = requests
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        async def worker() -> None:
-            nonlocal remaining, failures
-            while remaining > 0:
-                remaining -= 1
-                start = time.perf_counter()
-                response = await client.post(path, json=body)
-                latencies.append(time.perf_counter() - start)
-                failures += response.status_code != 200
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    return {"rps": len(latencies) / wall, "p50": 1000 * statistics.median(latencies),
-            "p95": 1000 * percentile(latencies, 95), "p99": 1000 * percentile(latencies, 99), "failures": failures}
+def closed_loop(url: str, path: str, body: dict, concurrency: int, requests: int) -> dict:
+    """``requests`` calls from ``concurrency`` clients (serving.loadgen); rps and latency percentiles (ms)."""
+    result = summary(ClosedLoop(url, path, body, concurrency, max_requests=requests, max_seconds=1800).run())
+    return {**result, "failures": result["requests"] - result["codes"].get(200, 0)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         for route in args.routes:
             for concurrency in args.concurrency:
                 path = f"/v1/{route}"
-                asyncio.run(closed_loop(url, path, bodies[route], min(concurrency, 2), 2))  # warm-up
-                result = asyncio.run(closed_loop(url, path, bodies[route], concurrency, args.requests))
+                closed_loop(url, path, bodies[route], min(concurrency, 2), 2)  # warm-up
+                result = closed_loop(url, path, bodies[route], concurrency, args.requests)
                 rows.append({"batching": batching, "route": route, "concurrency": concurrency, **result})
                 print(f"batching {batching:3} {route:12} c={concurrency:<3} {result['rps']:7.2f} req/s  "
                       f"p50 {result['p50']:7.0f} ms  p95 {result['p95']:7.0f} ms  p99 {result['p99']:7.0f} ms  "

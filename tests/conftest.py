@@ -112,7 +112,7 @@ def s3_bucket(s3_endpoint, request):
             os.environ["AWS_ENDPOINT_URL"] = old
 
 
-HEAD_RESOURCE = "test_head"  # only the session's head node has it: multi-node tests pin actors there with it
+HEAD_RESOURCE = "head_node"  # only the head has it; benchmarks/scale_sim.py pins light deployments with it
 
 
 def metrics_port() -> int:
