@@ -164,3 +164,33 @@ def test_cli_resolves_flags_config_file_and_resume(tmp_path):
         resolve("--preset", "tiny32")
     with pytest.raises(ValueError, match="MIN <= MAX"):
         resolve("--data", "shapes", "--num-workers", "4-2")
+
+
+def test_bf16_training_on_cpu_checkpoints_and_resumes(ray_cluster, tmp_path):
+    """bf16 autocast on the CPU: the loss falls, the run stops at its budget with a checkpoint and a bundle,
+    and `--resume` (a bigger --max-samples) continues from that checkpoint to exactly the new budget."""
+    import dataclasses
+
+    from pipelines.export import load_training_state
+
+    ledger = tmp_path / "ledger"
+    job = micro_job(tmp_path, name="bf16", precision="bf16", num_workers=1, cpus_per_worker=1.0, ledger_dir=str(ledger),
+                    checkpoint_every=4 * BATCH, grid_every=10**9)
+    job.model.train = dataclasses.replace(job.model.train, total_samples=12 * BATCH)
+    first = train_autoencoder(job)
+    assert first.summary["samples_seen"] == 12 * BATCH
+    state = load_training_state(str(Path(job.storage) / "bf16" / "checkpoint-step00000012"))
+    assert state["step"] == 12 and all(v.dtype == torch.float32 for v in state["model"].values())  # fp32 master weights
+
+    resumed = dataclasses.replace(job, resume=True)
+    resumed.model = job.model.replace(train=dataclasses.replace(job.model.train, total_samples=24 * BATCH))
+    second = train_autoencoder(resumed)
+    account = audit(ledger, 24 * BATCH, BATCH)
+    assert [(a.resumed_from, a.steps) for a in account.attempts] == [(0, 12), (12, 24)]
+    assert (account.counted, account.redone, account.lost, account.doubled) == (24 * BATCH, 0, 0, 0)
+    assert second.summary["samples_seen"] == 24 * BATCH
+    loss = account.losses()
+    assert sum(loss[s] for s in range(21, 25)) < 0.8 * sum(loss[s] for s in range(1, 5)), loss
+    model = DiffAE.load(second.bundle)
+    x = model.decode(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.zeros(2, 512), 2)
+    assert torch.isfinite(x).all()
