@@ -44,6 +44,8 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
                          "train_autoencoder end to end with 1 and 2 Ray Train workers, images/s"),
     "serve_load": (["benchmarks/serve_load.py"],
                    "HTTP requests/s and latency percentiles, batching on and off"),
+    "scaling_inputs": (["benchmarks/scaling_inputs.py"],
+                       "the measured inputs of docs/scaling.md: FLOPs, all-reduce bytes, decode rate per core"),
 }
 
 
