@@ -57,3 +57,37 @@ def test_the_decoder_autoscales_up_under_load_and_back_down(head_only_serve, bun
     assert {s.status for s in result.samples} <= {200, 503}
     counts = [n for _, n in result.replicas]
     assert counts[0] <= 2 and max(counts) == 3 and counts[-1] == 1
+
+
+def test_gpu_replicas_land_on_gpu_resources_with_their_settings(head_only_serve, bundle):
+    """With Ray's logical GPUs (a node started with num_gpus=2, no CUDA here): replicas that ask for
+    num_gpus are placed on that node with GPU ids assigned, compute in their deployment's dtype, and fall back
+    to the CPU because this machine has no CUDA; CPU-only deployments get no GPU."""
+    from ray import serve
+
+    from benchmarks.scale_sim import ON_HEAD, running, wait_until
+    from serving.cli import start
+
+    cluster = head_only_serve
+    gpu_node = cluster.add_node(num_cpus=2, num_gpus=2)
+    cluster.wait_for_nodes()
+    deployments = {"Ingress": ON_HEAD, "Classifier": ON_HEAD, "LatentSampler": ON_HEAD,
+                   "Encoder": {"num_cpus": 0.25, "num_gpus": 0.25, "dtype": "bf16", "min_replicas": 1, "max_replicas": 1},
+                   "Decoder": {"num_cpus": 0.25, "num_gpus": 0.5, "dtype": "bf16", "min_replicas": 2, "max_replicas": 2}}
+    try:
+        start({"bundle": bundle, "deployments": deployments}, port=free_port(), name="scale", route_prefix="/gpu",
+              proxy_location="HeadOnly")
+        wait_until(lambda: running("Decoder") == 2, 120, "two Decoder replicas")
+        seen = {}
+        for name in ("Encoder", "Decoder", "Classifier"):
+            handle = serve.get_deployment_handle(name, app_name="scale")
+            seen[name] = [handle.describe.remote().result(timeout_s=60) for _ in range(12)]
+        for name in ("Encoder", "Decoder"):
+            for replica in seen[name]:
+                assert replica["node_id"] == gpu_node.node_id and replica["gpu_ids"], replica
+                assert replica["dtype"] == "bf16" and replica["device"] == "cpu", replica  # no CUDA: the CPU
+        assert {r["actor"] for r in seen["Decoder"]} and len({r["actor"] for r in seen["Decoder"]}) == 2
+        assert all(not r["gpu_ids"] and r["dtype"] == "fp32" for r in seen["Classifier"])
+    finally:
+        serve.delete("scale")
+        cluster.remove_node(gpu_node, allow_graceful=False)
