@@ -271,14 +271,6 @@ KUBERAY_RELABELING = {"action": "replace", "sourceLabels": ["__meta_kubernetes_p
                       "targetLabel": "ray_io_cluster"}
 
 
-def _ray_default_port(relative: str, name: str) -> int:
-    """A metrics port Ray listens on by default, read from Ray's source (``NAME = env_integer("NAME", port)``)."""
-    import ray
-
-    source = (Path(ray.__file__).parent / relative).read_text()
-    return int(re.search(rf'{name} = env_integer\("{name}", (\d+)\)', source)[1])
-
-
 def test_podmonitors_relabel_like_kuberay_and_scrape_every_metrics_port_of_every_ray_pod():
     import ray
 
@@ -289,8 +281,8 @@ def test_podmonitors_relabel_like_kuberay_and_scrape_every_metrics_port_of_every
     # `ray_io_cluster` is the label Ray's own Grafana dashboards filter clusters by.
     dashboards = Path(ray.__file__).parent / "dashboard" / "modules" / "metrics" / "dashboards"
     assert any("ray_io_cluster" in path.read_text() for path in dashboards.glob("*.json"))
-    default_ports = {"as-metrics": _ray_default_port("autoscaler/_private/constants.py", "AUTOSCALER_METRIC_PORT"),
-                     "dash-metrics": _ray_default_port("dashboard/consts.py", "DASHBOARD_METRIC_PORT")}
+    # Ray's documented default metrics ports of the autoscaler and the dashboard (Ray's metrics guide)
+    default_ports = {"as-metrics": 44217, "dash-metrics": 44227}
     (policy,) = _docs(KUBERAY / "network-policy.yaml")
     (from_monitoring,) = [rule for rule in policy["spec"]["ingress"] for peer in rule.get("from", [])
                           if peer.get("namespaceSelector", {}).get("matchLabels", {}).get(
