@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import os
 import re
@@ -22,7 +23,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,16 +54,46 @@ class Timeline:
         return [f"  {t:7.1f} s  {label}" for t, label in sorted(self.events)]
 
 
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, errors: list | None = None) -> float:
-    """Poll ``condition`` every half second; the time it became true (AssertionError after ``timeout``)."""
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, errors: list | None = None,
+               worker: threading.Thread | None = None) -> float:
+    """Poll ``condition`` every half second; the time it became true. AssertionError after ``timeout``, or
+    as soon as ``worker`` (the thread that should make it true) has ended; ``errors`` of it are re-raised."""
     deadline = time.time() + timeout
     while not condition():
         if errors:
             raise errors[0]
+        if worker is not None and not worker.is_alive():
+            raise errors[0] if errors else AssertionError(f"the run ended before {what}")
         if time.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} ({resources_now()})")
         time.sleep(0.5)
     return time.time()
+
+
+@contextlib.contextmanager
+def worker_nodes(cluster: Any, count: int, spec: dict[str, Any], app: str | None = None) -> Iterator[list[Any]]:
+    """``count`` worker nodes of ``spec`` for a scenario, and on leaving (failure included) the Serve ``app``
+    deleted and every worker node killed, so that a failed scenario leaves nothing on the cluster behind."""
+    nodes = [cluster.add_node(**spec) for _ in range(count)]
+    cluster.wait_for_nodes()
+    try:
+        yield nodes
+    finally:
+        if app is not None:
+            from ray import serve
+
+            with contextlib.suppress(Exception):  # the app may never have been deployed
+                serve.delete(app)
+        for node in list(cluster.worker_nodes):
+            cluster.remove_node(node, allow_graceful=False)
+
+
+def resources_now() -> str:
+    """Each live node's logical resources and what the cluster has free, for timeout messages."""
+    import ray
+
+    return "; ".join(f"{n['NodeID'][:8]} {n['Resources']}" for n in ray.nodes() if n["Alive"]) + \
+        f"; available {ray.available_resources()}"
 
 
 def node_alive(node_id: str) -> bool:
@@ -136,6 +167,13 @@ def _trained_steps(ledger: Path, attempt: str | None = None) -> int:
                default=0)
 
 
+def _survivors(ledger: Path) -> dict[str, Any] | None:
+    """The first 2-worker attempt that trained two steps past its checkpoint, if any. (Ray Train may start more
+    than one attempt after a loss, e.g. one that fails while the dead node is still being detected.)"""
+    return next((a for a in _attempts(ledger)
+                 if a["world"] == 2 and _trained_steps(ledger, a["attempt"]) >= a["resumed_from"] + 2), None)
+
+
 def _train_in_thread(job: Any) -> tuple[threading.Thread, list, list]:
     from pipelines.train_autoencoder import train_autoencoder
 
@@ -165,7 +203,7 @@ def training_job(data: str, storage_uri: str, ledger: Path, steps: int, batch: i
                                       ema_warmup_steps=10)
     return TrainJobConfig(data=data, storage=storage_uri, name="elastic", model=model, num_workers="2-3",
                           cpus_per_worker=0.5, worker_resources={"trainer_slot": 1}, resize_interval_s=5,
-                          max_failures=3, checkpoint_every=4 * batch, grid_every=10**12, log_every=4,
+                          max_failures=5, checkpoint_every=4 * batch, grid_every=10**12, log_every=4,
                           grid_images=2, ledger_dir=str(ledger), progress_bar=False)
 
 
@@ -175,35 +213,31 @@ def train_through_node_loss(cluster: Any, data: str, storage_uri: str, ledger: P
     and a node joins again once the survivors train. Returns the timeline and the ledger's account."""
     from pipelines.ledger import audit
 
-    nodes = [cluster.add_node(**TRAIN_NODE) for _ in range(3)]
-    cluster.wait_for_nodes()
-    timeline = Timeline()
-    thread, results, errors = _train_in_thread(training_job(data, storage_uri, ledger, steps, batch))
-    wait_until(lambda: _trained_steps(ledger) >= kill_after_step, timeout, "the first attempt's steps", errors)
-    victim_id = next(a["node"] for a in _attempts_all(ledger) if a["rank"] == 1)
-    victim = next(n for n in nodes if n.node_id == victim_id)
-    cluster.remove_node(victim, allow_graceful=False)
-    timeline.mark(f"kill the node of rank 1 after step {_trained_steps(ledger)}")
-    timeline.mark("Ray marks the node dead", wait_until(lambda: not node_alive(victim_id), timeout, "node death"))
-    wait_until(lambda: any(a["world"] == 2 for a in _attempts(ledger)), timeout, "a 2-worker attempt", errors)
-    second = next(a for a in _attempts(ledger) if a["world"] == 2)
-    timeline.mark(f"restarted on 2 workers from step {second['resumed_from']} "
-                  f"(sample {second['resumed_from'] * batch})", second["time"])
-    trained = wait_until(lambda: _trained_steps(ledger, second["attempt"]) >= second["resumed_from"] + 2, timeout,
-                         "the survivors to train", errors)
-    timeline.mark("the 2 survivors train on", trained)
-    cluster.add_node(**TRAIN_NODE)
-    timeline.mark("a node joins")
-    wait_until(lambda: len(_attempts(ledger)) >= 3 and _attempts(ledger)[-1]["world"] == 3, timeout,
-               "the group to grow back to 3 workers", errors)
-    third = _attempts(ledger)[-1]
-    timeline.mark(f"grown back to 3 workers from step {third['resumed_from']}", third["time"])
-    thread.join(timeout=timeout)
-    if errors:
-        raise errors[0]
-    timeline.mark("run ends")
-    for node in list(cluster.worker_nodes):
-        cluster.remove_node(node, allow_graceful=False)
+    with worker_nodes(cluster, 3, TRAIN_NODE) as nodes:
+        timeline = Timeline()
+        thread, results, errors = _train_in_thread(training_job(data, storage_uri, ledger, steps, batch))
+        wait_until(lambda: _trained_steps(ledger) >= kill_after_step, timeout, "the first attempt's steps", errors,
+                   thread)
+        victim_id = next(a["node"] for a in _attempts_all(ledger) if a["rank"] == 1)
+        cluster.remove_node(next(n for n in nodes if n.node_id == victim_id), allow_graceful=False)
+        timeline.mark(f"kill the node of rank 1 after step {_trained_steps(ledger)}")
+        timeline.mark("Ray marks the node dead", wait_until(lambda: not node_alive(victim_id), timeout, "node death"))
+        trained = wait_until(lambda: _survivors(ledger) is not None, timeout, "the survivors to train", errors,
+                             thread)
+        second = _survivors(ledger)
+        timeline.mark(f"restarted on 2 workers from step {second['resumed_from']} "
+                      f"(sample {second['resumed_from'] * batch})", second["time"])
+        timeline.mark("the 2 survivors train on", trained)
+        cluster.add_node(**TRAIN_NODE)
+        timeline.mark("a node joins")
+        wait_until(lambda: _attempts(ledger)[-1]["world"] == 3 and _attempts(ledger)[-1]["time"] > second["time"],
+                   timeout, "the group to grow back to 3 workers", errors, thread)
+        third = _attempts(ledger)[-1]
+        timeline.mark(f"grown back to 3 workers from step {third['resumed_from']}", third["time"])
+        thread.join(timeout=timeout)
+        if errors:
+            raise errors[0]
+        timeline.mark("run ends")
     return TrainingLoss(timeline, audit(ledger, batch * steps, batch), results[0].summary)
 
 
@@ -279,28 +313,27 @@ def serve_through_node_loss(cluster: Any, bundle: str, port: int, settle_s: floa
 
     from serving.loadgen import ClosedLoop
 
-    nodes = [cluster.add_node(**MODEL_NODE) for _ in range(3)]
-    cluster.wait_for_nodes()
-    spread = {"min_replicas": 2, "max_replicas": 2, "max_replicas_per_node": 1}
-    url = deploy(bundle, port, decoder=spread, encoder=spread)
-    handle = serve.get_deployment_handle("Decoder", app_name="scale")
-    timeline = Timeline()
-    load = ClosedLoop(url, "/v1/reconstruct", reconstruct_body(bundle), concurrency=4, max_requests=5000,
-                      max_seconds=300, timeout_s=60).start()
-    time.sleep(settle_s)
-    placed = {handle.describe.remote().result(timeout_s=30)["node_id"] for _ in range(8)}
-    victim = next(n for n in nodes if n.node_id in placed)
-    cluster.remove_node(victim, allow_graceful=False)
-    killed = timeline.mark("kill the node of a Decoder replica")
-    timeline.mark("Ray marks the node dead", wait_until(lambda: not node_alive(victim.node_id), 120, "node death"))
-    healed = timeline.mark("2 Encoder and 2 Decoder replicas run again", wait_until(
-        lambda: running("Decoder") == 2 and running("Encoder") == 2, 240, "replicas on the survivors"))
-    time.sleep(settle_s)
-    samples = load.stop()
-    timeline.mark("load stops")
-    serve.delete("scale")
-    for node in list(cluster.worker_nodes):
-        cluster.remove_node(node, allow_graceful=False)
+    with worker_nodes(cluster, 3, MODEL_NODE, app="scale") as nodes:
+        spread = {"min_replicas": 2, "max_replicas": 2, "max_replicas_per_node": 1}
+        url = deploy(bundle, port, decoder=spread, encoder=spread)
+        handle = serve.get_deployment_handle("Decoder", app_name="scale")
+        timeline = Timeline()
+        load = ClosedLoop(url, "/v1/reconstruct", reconstruct_body(bundle), concurrency=4, max_requests=5000,
+                          max_seconds=300, timeout_s=60).start()
+        try:
+            time.sleep(settle_s)
+            placed = {handle.describe.remote().result(timeout_s=30)["node_id"] for _ in range(8)}
+            victim = next(n for n in nodes if n.node_id in placed)
+            cluster.remove_node(victim, allow_graceful=False)
+            killed = timeline.mark("kill the node of a Decoder replica")
+            timeline.mark("Ray marks the node dead", wait_until(lambda: not node_alive(victim.node_id), 120,
+                                                                "node death"))
+            healed = timeline.mark("2 Encoder and 2 Decoder replicas run again", wait_until(
+                lambda: running("Decoder") == 2 and running("Encoder") == 2, 240, "replicas on the survivors"))
+            time.sleep(settle_s)
+        finally:
+            samples = load.stop()
+        timeline.mark("load stops")
     return ServingLoss(timeline, samples, killed, healed, victim.node_id)
 
 
@@ -319,36 +352,32 @@ ELASTIC_DECODER = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_request
 
 def autoscale(cluster: Any, bundle: str, port: int, clients: int = 8) -> Autoscaling:
     """The Decoder from 1 to 3 replicas under ``clients`` closed-loop clients, and back to 1 after the load."""
-    from ray import serve
 
     from serving.loadgen import ClosedLoop
 
-    for _ in range(2):
-        cluster.add_node(**MODEL_NODE)
-    cluster.wait_for_nodes()
-    url = deploy(bundle, port, decoder=ELASTIC_DECODER, encoder={"min_replicas": 1, "max_replicas": 1})
-    wait_until(lambda: running("Decoder") == 1, 120, "one Decoder replica")
-    timeline, replicas = Timeline(), []
+    with worker_nodes(cluster, 2, MODEL_NODE, app="scale"):
+        url = deploy(bundle, port, decoder=ELASTIC_DECODER, encoder={"min_replicas": 1, "max_replicas": 1})
+        wait_until(lambda: running("Decoder") == 1, 120, "one Decoder replica")
+        timeline, replicas = Timeline(), []
 
-    def at(n: int) -> Callable[[], bool]:
-        def check() -> bool:
-            replicas.append((round(time.time() - timeline.start, 1), running("Decoder")))
-            return replicas[-1][1] == n
-        return check
+        def at(n: int) -> Callable[[], bool]:
+            def check() -> bool:
+                replicas.append((round(time.time() - timeline.start, 1), running("Decoder")))
+                return replicas[-1][1] == n
+            return check
 
-    load = ClosedLoop(url, "/v1/reconstruct", reconstruct_body(bundle), concurrency=clients, max_requests=5000,
-                      max_seconds=240, timeout_s=60).start()
-    started = timeline.mark(f"{clients} clients start")
-    up = timeline.mark("3 Decoder replicas", wait_until(at(3), 180, "three Decoder replicas"))
-    wait_until(lambda: replica_metric("ray_serve_deployment_replica_healthy", "Decoder") >= 3, 60,
-               "three healthy Decoder replicas in the metrics")
-    timeline.mark("the replica metrics show 3 healthy Decoder replicas")
-    samples = load.stop()
-    stopped = timeline.mark("load stops")
-    down = timeline.mark("1 Decoder replica", wait_until(at(1), 180, "the Decoder back at one replica"))
-    serve.delete("scale")
-    for node in list(cluster.worker_nodes):
-        cluster.remove_node(node, allow_graceful=False)
+        load = ClosedLoop(url, "/v1/reconstruct", reconstruct_body(bundle), concurrency=clients, max_requests=5000,
+                          max_seconds=240, timeout_s=60).start()
+        started = timeline.mark(f"{clients} clients start")
+        try:
+            up = timeline.mark("3 Decoder replicas", wait_until(at(3), 180, "three Decoder replicas"))
+            wait_until(lambda: replica_metric("ray_serve_deployment_replica_healthy", "Decoder") >= 3, 120,
+                       "three healthy Decoder replicas in the metrics")
+            timeline.mark("the replica metrics show 3 healthy Decoder replicas")
+        finally:
+            samples = load.stop()
+        stopped = timeline.mark("load stops")
+        down = timeline.mark("1 Decoder replica", wait_until(at(1), 180, "the Decoder back at one replica"))
     return Autoscaling(timeline, replicas, up - started, down - stopped, samples)
 
 
@@ -359,20 +388,16 @@ def throughput_per_replicas(cluster: Any, bundle: str, port: int, counts: tuple[
 
     from serving.loadgen import ClosedLoop, summary
 
-    for _ in range(2):
-        cluster.add_node(**MODEL_NODE)
-    cluster.wait_for_nodes()
     out = {}
-    for n in counts:
-        url = deploy(bundle, port, decoder={"min_replicas": n, "max_replicas": n}, encoder={"min_replicas": 1,
-                                                                                            "max_replicas": 1})
-        wait_until(lambda n=n: running("Decoder") == n, 180, f"{n} Decoder replicas")
-        ClosedLoop(url, "/v1/reconstruct", reconstruct_body(bundle), concurrency=2, max_requests=4).run()  # warm-up
-        out[n] = summary(ClosedLoop(url, "/v1/reconstruct", reconstruct_body(bundle), concurrency=clients,
-                                    max_requests=10_000, max_seconds=seconds).run())
-        serve.delete("scale")
-    for node in list(cluster.worker_nodes):
-        cluster.remove_node(node, allow_graceful=False)
+    with worker_nodes(cluster, 2, MODEL_NODE, app="scale"):
+        for n in counts:
+            url = deploy(bundle, port, decoder={"min_replicas": n, "max_replicas": n},
+                         encoder={"min_replicas": 1, "max_replicas": 1})
+            wait_until(lambda n=n: running("Decoder") == n, 180, f"{n} Decoder replicas")
+            ClosedLoop(url, "/v1/reconstruct", reconstruct_body(bundle), concurrency=2, max_requests=4).run()  # warm-up
+            out[n] = summary(ClosedLoop(url, "/v1/reconstruct", reconstruct_body(bundle), concurrency=clients,
+                                        max_requests=10_000, max_seconds=seconds).run())
+            serve.delete("scale")
     return out
 
 

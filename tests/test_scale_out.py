@@ -32,8 +32,8 @@ def test_elastic_training_survives_a_node_kill_and_grows_back(ray_cluster, s3_bu
           f"{[(a.resumed_from, a.world, a.steps) for a in account.attempts]}")
 
     worlds = [a.world for a in account.attempts]
-    assert worlds[:2] == [3, 2] and worlds[-1] == 3, worlds  # lost a node, continued on 2, grew back to 3
-    assert account.attempts[1].steps > account.attempts[1].resumed_from  # the survivors trained
+    assert worlds[0] == 3 and 2 in worlds and worlds[-1] == 3, worlds  # lost a node, went on with 2, grew back
+    assert any(a.world == 2 and a.steps > a.resumed_from for a in account.attempts)  # the survivors trained
     assert (account.counted, account.lost, account.doubled) == (BATCH * STEPS, 0, 0)
     assert all(a.resumed_from % 4 == 0 for a in account.attempts)  # every restart began at a checkpoint
     attempts = account.attempts  # what an attempt trained past the next one's checkpoint was trained again

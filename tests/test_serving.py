@@ -73,8 +73,7 @@ def server(ray_cluster, bundle, tmp_path_factory):
     url = start(app_args(bundle, keys_file), port=free_port())
     try:
         with httpx.Client(base_url=url, timeout=120) as client:
-            yield SimpleNamespace(url=url, client=client, keys_file=keys_file,
-                                  metrics_url=f"http://127.0.0.1:{ray_cluster['metrics_port']}/metrics")
+            yield SimpleNamespace(url=url, client=client, keys_file=keys_file)
     finally:
         serve.shutdown()
 
@@ -316,15 +315,21 @@ def test_concurrent_requests_are_batched_and_identical_to_one_by_one(server, ima
         assert_same_result(alone, batched)
 
 
-def scrape(url: str) -> dict[str, list[tuple[dict, float]]]:
+def scrape() -> dict[str, list[tuple[dict, float]]]:
+    """Every live Ray node's metrics (replicas report on the node they run on), as Prometheus would scrape
+    them: metric name -> [(labels, value)], over all nodes."""
+    import ray
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(url, timeout=30) as response:
-        text = response.read().decode()
     samples: dict[str, list[tuple[dict, float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples.setdefault(s.name, []).append((s.labels, s.value))
+    for node in ray.nodes():
+        if not (node["Alive"] and node.get("MetricsExportPort")):
+            continue
+        with urllib.request.urlopen(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=30) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                samples.setdefault(s.name, []).append((s.labels, s.value))
     return samples
 
 
@@ -342,7 +347,7 @@ def test_metrics_on_rays_prometheus_port(server):
 
     deadline, samples = time.monotonic() + 90, {}
     while time.monotonic() < deadline:
-        samples = scrape(server.metrics_url)
+        samples = scrape()
         if ready(samples):
             break
         time.sleep(2)
