@@ -407,15 +407,19 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
 
 
+def scenario_lines(title: str, setup: str, timeline: Timeline, outcome: list[str]) -> list[str]:
+    """A scenario's markdown: bold title and its set-up, the timeline as a code block, then the outcome."""
+    return [f"**{title}** ({setup}):", "", "```", *timeline.lines(), "```", "", *outcome, ""]
+
+
 def report_training(result: TrainingLoss) -> list[str]:
     a = result.audit
-    return [
-        "**Training through the loss of a node** (demo16, 3 workers on 3 nodes, `--num-workers 2-3`, parquet on "
-        "S3 (moto) with 2 corrupt rows):", "", "```", *result.timeline.lines(), "```", "",
-        f"Ledger: planned {a.planned}, counted {a.counted}, redone {a.redone}, lost {a.lost}, doubled {a.doubled}; "
-        f"attempts (resumed from step, workers, last step) {[(x.resumed_from, x.world, x.steps) for x in a.attempts]};"
-        f" skipped images {result.summary['skipped_images']}.", "",
-    ]
+    return scenario_lines(
+        "Training through the loss of a node", "demo16, 3 workers on 3 nodes, `--num-workers 2-3`, parquet on S3 "
+        "(moto) with 2 corrupt rows", result.timeline,
+        [f"Ledger: planned {a.planned}, counted {a.counted}, redone {a.redone}, lost {a.lost}, doubled {a.doubled}; "
+         f"attempts (resumed from step, workers, last step) {[(x.resumed_from, x.world, x.steps) for x in a.attempts]};"
+         f" skipped images {result.summary['skipped_images']}."])
 
 
 def report_serving(result: ServingLoss) -> list[str]:
@@ -424,25 +428,23 @@ def report_serving(result: ServingLoss) -> list[str]:
     failed = [s for s in result.samples if s.status != 200]
     after = [s for s in result.samples if s.start > result.healed]
     last = max((s.end for s in failed), default=result.killed) - result.killed
-    return [
-        "**Serving through the loss of a node** (demo model, Encoder and Decoder 2 replicas one per node on 3 "
-        "nodes, 4 closed-loop clients on /v1/reconstruct, 4 steps):", "", "```", *result.timeline.lines(), "```", "",
-        f"{len(failed)} of {len(result.samples)} requests failed ({summary(failed)['codes']}), the last one ended "
-        f"{last:.1f} s after the kill; time to recovery (kill -> replicas running again) "
-        f"{result.healed - result.killed:.1f} s; after it {summary(after)['codes']}.", "",
-    ]
+    return scenario_lines(
+        "Serving through the loss of a node", "demo model, Encoder and Decoder 2 replicas one per node on 3 nodes, "
+        "4 closed-loop clients on /v1/reconstruct, 4 steps", result.timeline,
+        [f"{len(failed)} of {len(result.samples)} requests failed ({summary(failed)['codes']}), the last one ended "
+         f"{last:.1f} s after the kill; time to recovery (kill -> replicas running again) "
+         f"{result.healed - result.killed:.1f} s; after it {summary(after)['codes']}."])
 
 
 def report_autoscaling(result: Autoscaling, per_replicas: dict[int, dict[str, Any]]) -> list[str]:
     rows = [f"| {n} | {r['rps']:.2f} | {r.get('p50', 0):.0f} | {r.get('p95', 0):.0f} |" for n, r in per_replicas.items()]
-    return [
-        "**Autoscaling** (Decoder min 1, max 3, target 1 ongoing request, upscale delay 1 s, downscale delay 4 s, "
-        "8 closed-loop clients):", "", "```", *result.timeline.lines(), "```", "",
-        f"Scale up 1 -> 3 replicas: {result.up_s:.1f} s after the load started; scale down 3 -> 1: "
-        f"{result.down_s:.1f} s after it stopped. Replicas over time: {result.replicas[::4]}.", "",
-        "Throughput per Decoder replica count (fixed replicas, 8 clients, 30 s each):", "",
-        "| Decoder replicas | req/s | p50 ms | p95 ms |", "|---|---|---|---|", *rows, "",
-    ]
+    return scenario_lines(
+        "Autoscaling", "Decoder min 1, max 3, target 1 ongoing request, upscale delay 1 s, downscale delay 4 s, "
+        "8 closed-loop clients", result.timeline,
+        [f"Scale up 1 -> 3 replicas: {result.up_s:.1f} s after the load started; scale down 3 -> 1: "
+         f"{result.down_s:.1f} s after it stopped. Replicas over time: {result.replicas[::4]}.", "",
+         "Throughput per Decoder replica count (fixed replicas, 8 clients, 30 s each):", "",
+         "| Decoder replicas | req/s | p50 ms | p95 ms |", "|---|---|---|---|", *rows])
 
 
 def main(argv: list[str] | None = None) -> int:
