@@ -371,7 +371,7 @@ def autoscale(cluster: Any, bundle: str, port: int, clients: int = 8) -> Autosca
         started = timeline.mark(f"{clients} clients start")
         try:
             up = timeline.mark("3 Decoder replicas", wait_until(at(3), 180, "three Decoder replicas"))
-            wait_until(lambda: replica_metric("ray_serve_deployment_replica_healthy", "Decoder") >= 3, 120,
+            wait_until(lambda: replica_metric("ray_serve_deployment_replica_healthy", "Decoder") >= 3, 240,
                        "three healthy Decoder replicas in the metrics")
             timeline.mark("the replica metrics show 3 healthy Decoder replicas")
         finally:
