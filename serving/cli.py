@@ -43,6 +43,7 @@ def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, name:
     from .app import build_app
     from .settings import AppSettings
 
+    quiet_serve_console()
     settings = AppSettings.from_args(args)
     have = ray.cluster_resources()
     for resource, per_replica in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
@@ -59,6 +60,19 @@ def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, name:
         raise RuntimeError(f"the app is deployed but no Serve proxy answers at {url}: Serve was already running in "
                            "this Ray cluster with other HTTP options; use its address or `serve.shutdown()` first")
     return url
+
+
+def quiet_serve_console() -> None:
+    """Serve's driver-side logger prints each step (started, deploying, ready, deleting) at INFO on the
+    terminal; the caller prints the addresses that matter, so only Serve's warnings and errors stay there.
+    (Serve's controller, proxy and replica logs are files under Ray's log directory, unchanged.)"""
+    import logging
+
+    from ray import serve  # noqa: F401 - importing Serve installs its console handler
+
+    for handler in logging.getLogger("ray.serve").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
 
 
 def _serve(host: str, port: int, proxy_location: str) -> tuple[str, int]:

@@ -22,10 +22,10 @@ RAY_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+ [IWEF] \d+ \d+\]|^\d{4}-\d\d-
                       r"|\(raylet\)")
 
 
-def run_job(body: str) -> tuple[subprocess.CompletedProcess, Path]:
+def run_job(body: str, **env_vars: str) -> tuple[subprocess.CompletedProcess, Path]:
     tmp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
     script = "from pipelines.cluster import connect\nconnect(num_cpus=4)\n" + textwrap.dedent(body)
-    env = {**os.environ, "RAY_TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "RAY_TMPDIR": str(tmp), "PYTHONPATH": str(ROOT), **env_vars}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, env=env,
                           cwd=tmp)
@@ -59,3 +59,30 @@ def test_a_failing_task_still_shows_its_cause():
     """)
     assert done.returncode != 0
     assert "ValueError" in done.stderr and "no such file: data.parquet" in done.stderr, done.stderr[-3000:]
+
+
+MANY_ACTORS = """
+    import ray
+    @ray.remote(num_cpus=0)
+    class Ping:
+        def ping(self):
+            return 1
+    actors = [Ping.remote() for _ in range(16)]
+    print("pings", sum(ray.get([a.ping.remote() for a in actors])))
+    import time
+    time.sleep(2)  # the driver prints the raylet's warnings from a background thread: give it time
+"""
+
+
+@pytest.mark.parametrize("concurrency", [None, "2"], ids=["ours", "rays-default"])
+def test_many_worker_processes_raise_no_raylet_warning(concurrency):
+    """16 actors (as many worker processes as `make demo` has at its peak, and more) start without the
+    raylet's "worker processes have been started" warning on the terminal; with Ray's default startup
+    concurrency for this machine (2 cores) the same job does print it, so the check is real."""
+    extra = {} if concurrency is None else {"RAY_worker_maximum_startup_concurrency": concurrency}
+    done, _ = run_job(MANY_ACTORS, **extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (done.stdout + done.stderr).splitlines()
+    assert "pings 16" in lines
+    warned = [line for line in lines if "worker processes have been started" in line]
+    assert bool(warned) == (concurrency is not None), "\n".join(lines)
