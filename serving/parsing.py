@@ -2,10 +2,9 @@
 
 ``json.loads`` alone fails in ways a JSON error handler does not catch: deep nesting raises
 RecursionError, an integer with more than 4300 digits raises ValueError, and ``NaN`` / ``Infinity``
-literals pass as floats. :func:`loads` checks the nesting depth before parsing (a linear scan in C and
-NumPy, so a 10 MB body costs milliseconds), caps integer digits while parsing and refuses the
-non-standard constants. Form and query values (always text) go through :func:`parse_int` /
-:func:`parse_float` with the same caps.
+literals pass as floats. :func:`loads` checks nesting depth, object count and integer digits before
+parsing (scans in C and NumPy), refuses the non-standard constants and repeated keys. Form and query
+values (always text) go through :func:`parse_int` / :func:`parse_float` with the same caps.
 """
 
 from __future__ import annotations
@@ -20,47 +19,59 @@ import numpy as np
 from .errors import ApiError
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)  # JSON strings: their brackets do not nest
-_OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
+_NESTING = np.zeros(256, np.int8)  # +1 for each byte that opens an array or object, -1 for each that closes one
+_NESTING[list(b"[{")], _NESTING[list(b"]}")] = 1, -1
 _INT_TEXT = re.compile(r"[+-]?\d+")
+MAX_JSON_OBJECTS = 64  # the API's bodies hold at most two (the body, `edits`)
 _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def json_depth(data: bytes) -> int:
     """The deepest nesting of arrays and objects in JSON text (brackets inside strings do not count)."""
-    codes = np.frombuffer(_STRING.sub(b'""', data), np.uint8)
-    steps = np.isin(codes, _OPEN).astype(np.int32) - np.isin(codes, _CLOSE).astype(np.int32)
-    return int(np.cumsum(steps).max(initial=0))
+    return _scan(_STRING.sub(b'""', data))[0]
+
+
+def _scan(bare: bytes) -> tuple[int, int]:
+    """(nesting depth, number of objects) of JSON text whose strings were emptied."""
+    codes = np.frombuffer(bare, np.uint8)
+    depth = np.cumsum(_NESTING[codes], dtype=np.int32).max(initial=0)
+    return int(depth), bare.count(b"{")
 
 
 def loads(data: bytes | str, max_depth: int, max_int_digits: int, where: str = "body") -> Any:
-    """Parse JSON text with the depth and integer-size caps above; any failure is a 400 or 422 ApiError."""
+    """Parse JSON text with the caps above; any failure is a 400 or 422 ApiError. The checks are scans in
+    C and NumPy (no Python call per number), so a body of millions of numbers costs what json.loads does."""
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    depth = json_depth(raw)
+    bare = _STRING.sub(b'""', raw)
+    depth, objects = _scan(bare)
     if depth > max_depth:
         raise ApiError(422, f"{where} nests JSON {depth} levels deep, more than the limit of {max_depth} "
                             "(limits.max_json_depth)")
-
-    def parse_int(text: str) -> int:
-        if len(text.lstrip("-")) > max_int_digits:
-            raise ApiError(422, f"{where} holds an integer of {len(text.lstrip('-'))} digits, more than the "
-                                f"limit of {max_int_digits} (limits.max_int_digits)")
-        return int(text)
-
-    def finite_float(text: str) -> float:
-        value = float(text)
-        if not math.isfinite(value):  # 1e999 parses as inf
-            raise ApiError(422, f"{where} holds {_quote(text)}, beyond the float range: numbers must be finite")
-        return value
+    if objects > MAX_JSON_OBJECTS:
+        raise ApiError(422, f"{where} holds {objects} JSON objects; the API takes at most {MAX_JSON_OBJECTS}")
+    long_int = re.search(rb"(?<![\d.eE+-])-?\d{%d,}(?![\d.eE])" % (max_int_digits + 1), bare)
+    if long_int:
+        digits = len(long_int.group().lstrip(b"-"))
+        raise ApiError(422, f"{where} holds an integer of {digits} digits, more than the limit of "
+                            f"{max_int_digits} (limits.max_int_digits)")
 
     def no_constant(name: str) -> float:
         raise ApiError(422, f"{where} holds {name}, which is not JSON: numbers must be finite")
 
-    try:
-        return json.loads(raw, parse_int=parse_int, parse_float=finite_float, parse_constant=no_constant)
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) < len(pairs):  # json.loads would keep the last silently
+            twice = next(key for i, (key, _) in enumerate(pairs) if key in dict(pairs[:i]))
+            raise ApiError(422, f"{where}: field `{twice[:60]}` given more than once")
+        return obj
+
+    try:  # 1e999 parses as inf: the schemas' finite-number types refuse it with the field's name
+        return json.loads(raw, parse_constant=no_constant, object_pairs_hook=unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"{where} is not valid JSON: {exc}") from None
-    except RecursionError:  # belt and braces: the depth scan above should make this unreachable
-        raise ApiError(422, f"{where} nests JSON too deeply (limits.max_json_depth)") from None
+    except (RecursionError, ValueError):  # belt and braces: the scans above should make these unreachable
+        raise ApiError(422, f"{where} holds JSON this server does not parse (limits.max_json_depth, "
+                            "limits.max_int_digits)") from None
 
 
 def parse_int(text: str, name: str, max_digits: int) -> int:
