@@ -6,8 +6,10 @@ image routes answer a PNG (``format=png``, several images side by side in one ro
 PNGs and the codes (``format=json``). Latents travel as a JSON array (z_sem) and base64 float32 (x_T).
 
 Errors are JSON ``{"error", "status", "message"}``: 400 undecodable, 401 key, 404 missing model part,
-413 too large, 415 body type, 422 bad parameter, 503 (+ Retry-After) when at capacity, when a queue
-downstream is full (Serve's BackPressureError) or when a replica died under a request.
+408 body not arrived in time, 413 too large, 415 body type, 422 bad parameter (also when an input makes a
+result non-finite), 503 (+ Retry-After) when at capacity, when a queue downstream is full (Serve's
+BackPressureError) or when a replica died under a request. Admission, deadlines and request metrics are
+serving/guard.py's; the OpenAPI schema with every enforced range is serving/openapi.py's.
 """
 
 import asyncio
@@ -16,7 +18,6 @@ import io
 import logging
 import math
 import random
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,14 @@ from diffae_core.bundle import CLASSIFIER, LATENT, read_manifest
 from diffae_core.images import make_grid, png_bytes
 from diffae_core.model import slerp
 
+from . import openapi
 from . import schemas as S
 from .auth import KeyStore
 from .batching import DecoderJob
+from .errors import ApiError
+from .guard import Gate, Guard
 from .inputs import (
     MAX_REPORTED_ERRORS,
-    ApiError,
     check_range,
     encode_x_T,
     load_image,
@@ -54,6 +57,7 @@ from .inputs import (
     validate,
 )
 from .metrics import RequestMetrics
+from .openapi import ERRORS_DOC, PNG_RESPONSE
 from .settings import AppSettings
 
 logger = logging.getLogger("ray.serve")
@@ -63,6 +67,7 @@ TRANSIENT = (BackPressureError, RayActorError, ActorUnavailableError, ReplicaUna
 
 app = FastAPI(title="diffae-ray", version=__version__, description=__doc__)
 app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+app.add_middleware(Guard)
 _bearer = HTTPBearer(auto_error=False, description="an API key, when the server has keys configured")
 
 
@@ -72,7 +77,8 @@ async def require_key(request: Request, _: Any = Depends(_bearer)) -> None:
 
 
 AUTH = [Depends(require_key)]
-ROUTE_DOC: dict[str, Any] = {"dependencies": AUTH, "responses": S.ERRORS_DOC}
+ROUTE_DOC: dict[str, Any] = {"dependencies": AUTH, "responses": ERRORS_DOC}
+IMAGE_ROUTE_DOC: dict[str, Any] = {"dependencies": AUTH, "responses": {**PNG_RESPONSE, **ERRORS_DOC}}
 
 
 def _error(exc: ApiError) -> JSONResponse:
@@ -109,28 +115,6 @@ for _kind in TRANSIENT:
         return _error(ApiError(503, f"{message}; retry shortly", _retry_after(request)))
 
 
-@app.middleware("http")
-async def _guard(request: Request, call_next: Any) -> Response:
-    """Admission control (503 beyond max_inflight), request metrics, and no unrendered 500s."""
-    ingress: Ingress = request.app.state.ingress
-    route, start = ingress.route_label(request.url.path), time.perf_counter()
-    counted = route.startswith("/v1/")
-    if counted and ingress.inflight >= ingress.settings.limits.max_inflight:
-        response: Response = _error(ApiError(
-            503, f"at capacity ({ingress.inflight} requests in flight); retry shortly", _retry_after(request)))
-    else:
-        ingress.inflight += counted
-        try:
-            response = await call_next(request)
-        except Exception:  # noqa: BLE001 - a bug must still give a JSON 500 and a metric, never a hang
-            logger.exception("unhandled error on %s", request.url.path)
-            response = _error(ApiError(500, "internal error; the server log has the details"))
-        finally:
-            ingress.inflight -= counted
-    ingress.metrics.record(route, response.status_code, time.perf_counter() - start)
-    return response
-
-
 def api_paths(routes: Sequence[Any]) -> set[str]:
     """Paths of the API routes, also inside included routers (serve.ingress hands the class's routes to
     FastAPI as an included router, which recent FastAPI keeps as a wrapper without a ``path``)."""
@@ -142,6 +126,15 @@ def api_paths(routes: Sequence[Any]) -> set[str]:
         if inner is not None and hasattr(inner, "routes"):
             paths |= api_paths(inner.routes)
     return paths
+
+
+def finite_json(content: dict[str, Any], headers: dict[str, str]) -> JSONResponse:
+    """A JSON response, or a 422 when the result holds inf or NaN (JSON cannot carry them): an input within
+    the limits still drove the model out of float range."""
+    try:
+        return JSONResponse(content, headers=headers)
+    except ValueError:  # json.dumps(allow_nan=False)
+        raise ApiError(422, "the result for these inputs is not finite (inf or NaN); use smaller inputs") from None
 
 
 def _png(images: torch.Tensor) -> bytes:
@@ -168,14 +161,15 @@ class Ingress:
         self._attributes: list[str] | None = None
         self.keys = KeyStore(self.settings.api_keys_env, self.settings.api_keys_file)
         self.metrics = RequestMetrics()
-        self.inflight = 0
         limits = self.settings.limits
         b64 = lambda n: 4 * math.ceil(n / 3)  # noqa: E731
         # Two images (interpolate) or one image plus an x_T, in base64, plus form/JSON overhead.
         self.max_body = 2 * b64(limits.max_upload_bytes) + b64(3 * self.size**2 * 4) + 256 * 1024
+        self.gate = Gate(limits, self.max_body)
         self.routes = api_paths(app.routes)
         if "/v1/encode" not in self.routes:  # metrics labels and admission control depend on this set
             raise RuntimeError(f"cannot find the API routes in the FastAPI app (found {sorted(self.routes)})")
+        openapi.install(app, limits, self.size, self.z_dim, list(manifest.get("attributes") or []))
         app.state.ingress = self
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -186,18 +180,21 @@ class Ingress:
         return "/static" if path.startswith("/static/") else "other"
 
     async def _parse(self, request: Request, model: type) -> tuple[Any, Any]:
-        payload = await read_payload(request, self.max_body, self.settings.limits.max_upload_bytes)
-        return payload, validate(model, payload.fields)
+        payload = await read_payload(request, self.settings.limits)
+        return payload, validate(model, payload, self.settings.limits)
 
     async def _image(self, payload: Any, name: str = "image") -> np.ndarray:
-        x = await asyncio.to_thread(load_image, payload.image(name), self.size, self.settings.limits.max_pixels, name)
+        x = await asyncio.to_thread(load_image, payload.image(name), self.size, self.settings.limits, name)
         return x.numpy()
 
     def _steps(self, steps: int | None) -> int:
-        limits = self.settings.limits
-        steps = limits.default_steps if steps is None else steps
-        check_range("steps", steps, 1, limits.max_steps)
-        return steps
+        return self.settings.limits.default_steps if steps is None else steps  # validate() checked the range
+
+    def _z(self, values: list[float] | None) -> np.ndarray:
+        return parse_z(values, self.z_dim, self.settings.limits.max_latent_abs)
+
+    def _x_T(self, text: str | None) -> np.ndarray:
+        return parse_x_T(text, self.size, self.settings.limits.max_latent_abs)
 
     @staticmethod
     def _seed(seed: int | None) -> int:
@@ -238,7 +235,7 @@ class Ingress:
             return Response(data, media_type="image/png", headers=headers)
         pngs = await asyncio.to_thread(lambda: [base64.b64encode(png_bytes(x)).decode() for x in tensor])
         body = {"image": pngs[0]} if len(pngs) == 1 else {"images": pngs}
-        return JSONResponse({**body, "seed": seed, **extra}, headers=headers)
+        return finite_json({**body, "seed": seed, **extra}, headers)
 
     # ---- routes --------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -258,7 +255,7 @@ class Ingress:
                 "batching": {k: vars(v) for k, v in self.settings.batching.items()}}
 
     @app.post("/v1/encode", summary="semantic code z_sem (and stochastic x_T with `steps`)",
-              openapi_extra=S.body_doc(S.EncodeParams), **ROUTE_DOC)
+              **ROUTE_DOC)
     async def encode(self, request: Request) -> JSONResponse:
         payload, p = await self._parse(request, S.EncodeParams)
         x, seed = await self._image(payload), self._seed(p.seed)
@@ -270,22 +267,18 @@ class Ingress:
             steps = self._steps(p.steps)
             z0, x_T, batch = await self._invert(x, steps)
             out.update(z_sem=z0.tolist(), x_T=encode_x_T(x_T), x_T_shape=list(x_T.shape), steps=steps)
-        return JSONResponse(out, headers={"X-Seed": str(seed), "X-Diffae-Batch-Size": str(batch)})
+        return finite_json(out, {"X-Seed": str(seed), "X-Diffae-Batch-Size": str(batch)})
 
-    @app.post("/v1/decode", summary="image from z_sem and x_T (x_T drawn from `seed` if absent)",
-              openapi_extra=S.body_doc(S.DecodeParams), responses={**S.PNG_RESPONSE, **S.ERRORS_DOC},
-              dependencies=AUTH)
+    @app.post("/v1/decode", summary="image from z_sem and x_T (x_T drawn from `seed` if absent)", **IMAGE_ROUTE_DOC)
     async def decode(self, request: Request) -> Response:
         _, p = await self._parse(request, S.DecodeParams)
         seed, steps = self._seed(p.seed), self._steps(p.steps)
-        z = parse_z(p.z_sem, self.z_dim)
-        x_T = None if p.x_T is None else parse_x_T(p.x_T, self.size)  # None: the Decoder draws it from the seed
+        z = self._z(p.z_sem)
+        x_T = None if p.x_T is None else self._x_T(p.x_T)  # None: the Decoder draws it from the seed
         images, batch = await self._decoder("decode", steps, [x_T], [z], seed)
         return await self._images_out(images, p.format, {"steps": steps}, seed, batch)
 
-    @app.post("/v1/reconstruct", summary="near-exact reconstruction through z_sem and x_T",
-              openapi_extra=S.body_doc(S.ReconstructParams), responses={**S.PNG_RESPONSE, **S.ERRORS_DOC},
-              dependencies=AUTH)
+    @app.post("/v1/reconstruct", summary="near-exact reconstruction through z_sem and x_T", **IMAGE_ROUTE_DOC)
     async def reconstruct(self, request: Request) -> Response:
         payload, p = await self._parse(request, S.ReconstructParams)
         seed, steps = self._seed(p.seed), self._steps(p.steps)
@@ -295,9 +288,7 @@ class Ingress:
         extra = {"steps": steps, "z_sem": z.tolist(), "x_T": encode_x_T(x_T)}
         return await self._images_out(images, p.format, extra, seed, max(b1, b2))
 
-    @app.post("/v1/manipulate", summary="edit attributes: move z_sem along classifier directions",
-              openapi_extra=S.body_doc(S.ManipulateParams), responses={**S.PNG_RESPONSE, **S.ERRORS_DOC},
-              dependencies=AUTH)
+    @app.post("/v1/manipulate", summary="edit attributes: move z_sem along classifier directions", **IMAGE_ROUTE_DOC)
     async def manipulate(self, request: Request) -> Response:
         payload, p = await self._parse(request, S.ManipulateParams)
         seed, steps = self._seed(p.seed), self._steps(p.steps)
@@ -305,7 +296,7 @@ class Ingress:
         if "image" in payload.images:
             z, x_T, b1 = await self._invert(await self._image(payload), steps)
         elif p.z_sem is not None or p.x_T is not None:
-            z, x_T, b1 = parse_z(p.z_sem, self.z_dim), parse_x_T(p.x_T, self.size), 1
+            z, x_T, b1 = self._z(p.z_sem), self._x_T(p.x_T), 1
         else:
             raise ApiError(422, "missing input: give `image`, or `z_sem` and `x_T` (from /v1/encode)")
         moved = await self.classifier.manipulate.remote(z[None], edits)
@@ -334,13 +325,10 @@ class Ingress:
             edits.append((names.index(name), float(alpha)))
         return edits
 
-    @app.post("/v1/interpolate", summary="n images between two images (lerp z_sem, slerp x_T)",
-              openapi_extra=S.body_doc(S.InterpolateParams), responses={**S.PNG_RESPONSE, **S.ERRORS_DOC},
-              dependencies=AUTH)
+    @app.post("/v1/interpolate", summary="n images between two images (lerp z_sem, slerp x_T)", **IMAGE_ROUTE_DOC)
     async def interpolate(self, request: Request) -> Response:
         payload, p = await self._parse(request, S.InterpolateParams)
         seed, steps = self._seed(p.seed), self._steps(p.steps)
-        check_range("n", p.n, 2, self.settings.limits.max_n)
         xa, xb = await asyncio.gather(self._image(payload, "image_a"), self._image(payload, "image_b"))
         z, b1 = await self._encode([xa, xb])
         x_T, b2 = await self._decoder("invert", steps, [xa, xb], z)
@@ -351,16 +339,12 @@ class Ingress:
         images, b3 = await self._decoder("decode", steps, list(x_T_i), list(z_i))
         return await self._images_out(images, p.format, {"steps": steps, "n": p.n}, seed, max(b1, b2, b3))
 
-    @app.post("/v1/sample", summary="n new images: latent DDIM, then image DDIM from seeded noise",
-              openapi_extra=S.body_doc(S.SampleParams), responses={**S.PNG_RESPONSE, **S.ERRORS_DOC},
-              dependencies=AUTH)
+    @app.post("/v1/sample", summary="n new images: latent DDIM, then image DDIM from seeded noise", **IMAGE_ROUTE_DOC)
     async def sample(self, request: Request) -> Response:
         _, p = await self._parse(request, S.SampleParams)
         limits = self.settings.limits
         seed, steps = self._seed(p.seed), self._steps(p.steps)
         latent_steps = limits.default_latent_steps if p.latent_steps is None else p.latent_steps
-        check_range("latent_steps", latent_steps, 1, limits.max_latent_steps)
-        check_range("n", p.n, 1, limits.max_n)
         if not self.has_latent:
             raise ApiError(404, "this model has no latent DPM, so it cannot sample: train one with "
                                 "`diffae train latent`")
@@ -370,17 +354,18 @@ class Ingress:
         return await self._images_out(images, p.format, extra, seed, batch)
 
     @app.post("/v1/classify", summary="attribute logits and probabilities",
-              openapi_extra=S.body_doc(S.ClassifyParams), **ROUTE_DOC)
+              **ROUTE_DOC)
     async def classify(self, request: Request) -> JSONResponse:
         payload, p = await self._parse(request, S.ClassifyParams)
         names, seed = await self._attribute_names(), self._seed(p.seed)
         if "image" in payload.images:
             z, batch = await self._encode([await self._image(payload)])
         else:
-            z, batch = parse_z(p.z_sem, self.z_dim)[None], 1
+            z, batch = self._z(p.z_sem)[None], 1
         logits = np.asarray(await self.classifier.classify.remote(z))[0]
-        attributes = {name: {"logit": float(v), "probability": float(1 / (1 + np.exp(-v)))}
+        # tanh form of the sigmoid: no overflow warning for large |logit|
+        attributes = {name: {"logit": float(v), "probability": float(0.5 * (1 + np.tanh(v / 2)))}
                       for name, v in zip(names, logits, strict=True)}
-        return JSONResponse({"attributes": attributes, "z_sem": z[0].tolist(), "seed": seed},
-                            headers={"X-Seed": str(seed), "X-Diffae-Batch-Size": str(batch)})
+        return finite_json({"attributes": attributes, "z_sem": z[0].tolist(), "seed": seed},
+                           {"X-Seed": str(seed), "X-Diffae-Batch-Size": str(batch)})
 

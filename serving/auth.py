@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import os
 
-from .inputs import ApiError
+from .errors import ApiError
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="diffae"'}
 

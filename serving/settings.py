@@ -31,22 +31,33 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class Limits:
-    """What one request may ask for. Requests beyond a limit get 413 (sizes) or 422 (parameters)."""
+    """What one request may ask for. Requests beyond a limit get 408 (slow upload), 413 (sizes) or 422
+    (parameters); the message names the limit. GET /v1/model lists them and the OpenAPI schema states them."""
 
     max_upload_bytes: int = 10 * 2**20  # one image, after base64 decoding
     max_pixels: int = 4096 * 4096  # decoded width x height: refuses decompression bombs before decoding
+    max_side: int = 8192  # each side of a decoded image, read from its header before any pixel
+    max_aspect_ratio: float = 16.0  # long side / short side: a 1 x 10^6 strip is tiny but resizes to a huge one
+    max_resize_pixels: int = 2048 * 2048  # the image after its shorter side is resized to the model's size
     default_steps: int = 20  # DDIM steps when a request gives none
     max_steps: int = 100  # DDIM steps (inversion and decoding); each step is one UNet call per image
     default_latent_steps: int = 20
     max_latent_steps: int = 100
     max_n: int = 16  # images per /v1/sample or /v1/interpolate request
     max_alpha: float = 1.0  # |alpha| of a manipulation (the official demos stay within about 0.5)
-    max_inflight: int = 64  # requests one ingress replica works on at once; beyond: 503 + Retry-After
+    max_latent_abs: float = 1000.0  # |each number| of a z_sem or x_T sent in (encoder outputs stay within ~10)
+    max_json_depth: int = 16  # nesting of JSON bodies and JSON form fields (the API needs 2)
+    max_int_digits: int = 20  # digits of one JSON / form integer (a seed < 2^63 has 19)
+    max_inflight: int = 64  # fully-read requests one ingress replica works on at once; beyond: 503 + Retry-After
     retry_after_s: int = 1  # the Retry-After a 503 carries
+    body_timeout_s: float = 10.0  # the whole request body must arrive within this; else 408
+    upload_grace_s: float = 1.0  # a body still arriving after this takes an upload slot (max_uploading)
+    max_uploading: int = 16  # slow uploads one ingress replica waits for at once; beyond: 408 at once
 
     def validate(self) -> None:
-        for name in ("max_upload_bytes", "max_pixels", "default_steps", "max_steps", "default_latent_steps",
-                     "max_latent_steps", "max_n", "max_inflight", "retry_after_s"):
+        for name in ("max_upload_bytes", "max_pixels", "max_side", "max_resize_pixels", "default_steps",
+                     "max_steps", "default_latent_steps", "max_latent_steps", "max_n", "max_json_depth",
+                     "max_int_digits", "max_inflight", "retry_after_s", "max_uploading"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"limits.{name} must be a positive integer, got {value!r}")
@@ -56,8 +67,16 @@ class Limits:
             raise ValueError(f"limits.default_steps must be in [1, max_steps={self.max_steps}]")
         if not 1 <= self.default_latent_steps <= self.max_latent_steps:
             raise ValueError(f"limits.default_latent_steps must be in [1, max_latent_steps={self.max_latent_steps}]")
-        if not (isinstance(self.max_alpha, (int, float)) and math.isfinite(self.max_alpha) and self.max_alpha > 0):
-            raise ValueError(f"limits.max_alpha must be a positive finite number, got {self.max_alpha!r}")
+        if self.max_int_digits < 19:
+            raise ValueError("limits.max_int_digits must be >= 19 so that every seed (< 2^63) fits")
+        for name in ("max_alpha", "max_latent_abs", "body_timeout_s", "upload_grace_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"limits.{name} must be a positive finite number, got {value!r}")
+        if not (isinstance(self.max_aspect_ratio, (int, float)) and 1 <= self.max_aspect_ratio < math.inf):
+            raise ValueError(f"limits.max_aspect_ratio must be a finite number >= 1, got {self.max_aspect_ratio!r}")
+        if self.upload_grace_s >= self.body_timeout_s:
+            raise ValueError("limits.upload_grace_s must be shorter than limits.body_timeout_s")
 
 
 @dataclass

@@ -203,9 +203,12 @@ async function sample() {
 }
 
 function init() {
-  $("api-key").value = localStorage.getItem("diffae-api-key") || "";
+  // The key lives in this tab's sessionStorage only (gone when the tab closes), never in localStorage on disk;
+  // earlier versions kept it there, so drop any copy they left.
+  localStorage.removeItem("diffae-api-key");
+  $("api-key").value = sessionStorage.getItem("diffae-api-key") || "";
   $("api-key").addEventListener("change", () => {
-    localStorage.setItem("diffae-api-key", $("api-key").value.trim());
+    sessionStorage.setItem("diffae-api-key", $("api-key").value.trim());
     loadModel();
   });
   $("steps").addEventListener("input", () => { $("steps-out").textContent = $("steps").value; });
