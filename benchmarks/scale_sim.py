@@ -16,6 +16,7 @@ import argparse
 import base64
 import contextlib
 import io
+import logging
 import os
 import re
 import sys
@@ -272,18 +273,23 @@ def running(name: str) -> int:
     return serve.status().applications["scale"].deployments[name].replica_states.get("RUNNING", 0)
 
 
-def replica_metric(name: str, deployment: str) -> float:
-    """A Serve replica metric summed over every live node's metrics port (what Prometheus scrapes)."""
+def replicas_in_metrics(deployment: str, metric: str = "ray_serve_deployment_request_counter") -> int:
+    """How many distinct replicas of a deployment of the app report ``metric`` (a Serve replica metric,
+    exported by the node each replica runs on) over every live node's metrics port, as Prometheus scrapes.
+    The replicas' own series, not the controller's health gauge: that one is re-sent only every 10 s
+    (``RAY_SERVE_STATUS_GAUGE_REPORT_INTERVAL_S``) and was seen to miss scrapes for minutes on a loaded machine."""
     import ray
 
-    total = 0.0
-    pattern = re.compile(rf'^{name}{{.*application="scale".*deployment="{deployment}"|'
-                         rf'^{name}{{.*deployment="{deployment}".*application="scale"')
+    line = re.compile(rf'^{metric}(?:_total)?{{(.*)}}')
+    replicas = set()
     for node in ray.nodes():
         if node["Alive"] and node.get("MetricsExportPort"):
             text = urllib.request.urlopen(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=5).read()
-            total += sum(float(line.rsplit(" ", 1)[1]) for line in text.decode().splitlines() if pattern.search(line))
-    return total
+            for m in filter(None, map(line.match, text.decode().splitlines())):
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+                if labels.get("application") == "scale" and labels.get("deployment") == deployment:
+                    replicas.add(labels.get("replica"))
+    return len(replicas)
 
 
 def reconstruct_body(bundle: str, steps: int = 4) -> dict[str, Any]:
@@ -371,9 +377,8 @@ def autoscale(cluster: Any, bundle: str, port: int, clients: int = 8) -> Autosca
         started = timeline.mark(f"{clients} clients start")
         try:
             up = timeline.mark("3 Decoder replicas", wait_until(at(3), 180, "three Decoder replicas"))
-            wait_until(lambda: replica_metric("ray_serve_deployment_replica_healthy", "Decoder") >= 3, 240,
-                       "three healthy Decoder replicas in the metrics")
-            timeline.mark("the replica metrics show 3 healthy Decoder replicas")
+            wait_until(lambda: replicas_in_metrics("Decoder") >= 3, 120, "three Decoder replicas in the metrics")
+            timeline.mark("the metrics show requests served by 3 Decoder replicas")
         finally:
             samples = load.stop()
         stopped = timeline.mark("load stops")
@@ -459,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.common import machine
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the S3 server's per-request access lines
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     s3_port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
