@@ -128,8 +128,12 @@ class AttentionBlock(nn.Module):
         length = x.shape[-1]
         head_ch = c // self.num_heads
         qkv = self.qkv(self.norm(x)).reshape(b, self.num_heads, 3 * head_ch, length)
-        # contiguous [B, heads, L, ch] parts let SDPA take its fused CPU kernel instead of the math path
-        q, k, v = (part.transpose(-1, -2).contiguous() for part in qkv.split(head_ch, dim=2))
+        q, k, v = (part.transpose(-1, -2) for part in qkv.split(head_ch, dim=2))  # [B, heads, L, ch]
+        if x.device.type != "cpu" or not torch.is_grad_enabled():
+            # contiguous parts let SDPA take a fused kernel (CUDA: flash / memory-efficient; CPU: flash, ~1.3x
+            # the math path at inference). The CPU flash backward is slower than the math path's, so CPU
+            # training keeps the strided parts (and with them the math path).
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         a = F.scaled_dot_product_attention(q, k, v)
         a = a.transpose(-1, -2).reshape(b, c, length)
         return (x + self.proj_out(a)).reshape(b, c, *spatial)
