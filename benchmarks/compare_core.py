@@ -23,6 +23,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = {"channels_last": False, "fused": False}  # train_step.py's and sampling.py's defaults at the base
@@ -115,12 +116,13 @@ def extract(rev: str, into: str) -> Path:
     return path
 
 
-def time_case(case: dict, variants: dict[str, tuple[Worker, dict]], repeats: int) -> dict[str, list[float]]:
+def time_case(case: dict, variants: dict[str, tuple[Worker, Any]], repeats: int) -> dict[str, list[float]]:
     """Seconds per call of every variant of one case, interleaved: one call of each per round."""
     times: dict[str, list[float]] = {label: [] for label in variants}
     for _ in range(repeats):
         for label, (w, overrides) in variants.items():
-            times[label].append(w.ask({"spec": {**case, **overrides}})["seconds"])
+            extra = overrides(case) if callable(overrides) else overrides
+            times[label].append(w.ask({"spec": {**case, **extra}})["seconds"])
     for w in {id(w): w for w, _ in variants.values()}.values():
         w.ask({"clear": True})
     return times
@@ -187,15 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         worker(args.worker, args.threads)
         return 0
     sys.path.insert(0, str(ROOT))
-    from diffae_core.performance import PerformanceOptions
-
-    defaults = PerformanceOptions.for_device("cpu")
-    after = {"channels_last": defaults.channels_last, "fused": defaults.fused_optimizer}
     with tempfile.TemporaryDirectory() as tmp:
         base, new = Worker(extract(args.base, tmp), args.threads), Worker(ROOT, args.threads)
         print(f"# compare_core: {args.base} vs this tree, {args.threads} thread(s), {args.repeats} rounds, "
               f"load average at start {os.getloadavg()}", flush=True)
-        report = run_all(args, base, new, after)
+        report = run_all(args, base, new)
         base.close()
         new.close()
     report["load_average_end"] = os.getloadavg()
@@ -208,10 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_all(args: argparse.Namespace, base: Worker, new: Worker, after: dict) -> dict:
+def defaults(case: dict) -> dict:
+    """This tree's diffae_core.performance defaults on the CPU for the case's preset, as spec overrides."""
+    from diffae_core.config import get_preset
+    from diffae_core.performance import PerformanceOptions
+
+    options = PerformanceOptions.for_device("cpu", get_preset(case["preset"]).image_size)
+    return {"channels_last": options.channels_last, "fused": options.fused_optimizer}
+
+
+def run_all(args: argparse.Namespace, base: Worker, new: Worker) -> dict:
     """The before/after tables (and with --options the per-option tables); prints each as it completes."""
     report: dict = {}
-    headline = {"before": (base, BEFORE), "after, same options": (new, BEFORE), "after, defaults": (new, after)}
+    headline = {"before": (base, BEFORE), "after, same options": (new, BEFORE), "after, defaults": (new, defaults)}
     groups = [("train", args.train, headline), ("recon", args.recon, headline)]
     if args.options:
         groups += [("train", args.train[1:2], {k: (new, v) for k, v in TRAIN_OPTIONS.items()}),

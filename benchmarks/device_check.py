@@ -37,6 +37,7 @@ from benchmarks.common import machine, median, setup_threads, sync, time_calls  
 from benchmarks.flops import training_flops_per_image  # noqa: E402
 from benchmarks.train_step import make_step  # noqa: E402
 from diffae_core import DiffAE  # noqa: E402
+from diffae_core.config import get_preset  # noqa: E402
 from diffae_core.performance import PerformanceOptions, apply, set_tf32  # noqa: E402
 
 # dense peak FLOP/s of one H200 (SXM) per precision: the bound a training step is compared against
@@ -122,7 +123,7 @@ def largest_batch(build: Callable[[int], Callable[[], None]], start: int, cap: i
 
 def build_step(device: torch.device, preset: str, precision: str, batch: int) -> Callable[[], None]:
     """benchmarks/train_step.py's step with the device's diffae_core.performance defaults."""
-    options = PerformanceOptions.for_device(device)
+    options = PerformanceOptions.for_device(device, get_preset(preset).image_size)
     amp = "bf16" if precision.startswith("bf16") else None
     return make_step(preset, batch, device, options.channels_last, "fused" if options.fused_optimizer else "foreach",
                      amp, compile=precision == "bf16+compile")

@@ -62,12 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_threads(args.threads)
     device = torch.device(args.device)
-    from diffae_core.performance import PerformanceOptions  # here, not at the top: see make_model
+    from diffae_core.config import get_preset  # here, not at the top: see make_model
+    from diffae_core.performance import PerformanceOptions
 
-    options = PerformanceOptions.for_device(device)
-    print(f"# sampling, {machine()}, dtype={args.dtype}, steps={args.steps}, {options}")
-    print("preset   batch  op              median_s  images/s")
+    print(f"# sampling, {machine()}, dtype={args.dtype}, steps={args.steps}")
+    print("preset   batch  op              median_s  images/s  (diffae_core.performance defaults)")
     for preset in args.presets:
+        options = PerformanceOptions.for_device(device, get_preset(preset).image_size)
         model = make_model(preset, device, args.dtype, options.channels_last, options.compile)
         for batch in args.batch_sizes or DEFAULT_BATCHES.get(preset, (1, 8)):
             for name, fn in make_ops(model, batch, args.steps).items():

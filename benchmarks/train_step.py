@@ -59,6 +59,15 @@ def make_step(preset: str, batch: int, device: torch.device, channels_last: bool
     return step
 
 
+def default_variant(device: torch.device, preset: str) -> tuple[bool, str]:
+    """(channels_last, Adam implementation) of diffae_core.performance's defaults for the preset."""
+    from diffae_core.config import get_preset  # here, not at the top: see the module docstring
+    from diffae_core.performance import PerformanceOptions
+
+    options = PerformanceOptions.for_device(device, get_preset(preset).image_size)
+    return options.channels_last, "fused" if options.fused_optimizer else "foreach"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["tiny32", "ffhq64"])
@@ -72,14 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_threads(args.threads)
     device = torch.device(args.device)
     print(f"# train step, {machine()}, amp={args.amp or 'off'}")
-    from diffae_core.performance import PerformanceOptions  # here, not at the top: see the module docstring
-
-    options = PerformanceOptions.for_device(device)
-    variants = [(options.channels_last, "fused" if options.fused_optimizer else "foreach")]
-    if args.compare:
-        variants = [(False, "foreach"), (True, "foreach"), (False, "fused"), (True, "fused")]
     print("preset   batch  layout          adam     median_s  images/s")
     for preset in args.presets:
+        variants = [default_variant(device, preset)]
+        if args.compare:
+            variants = [(False, "foreach"), (True, "foreach"), (False, "fused"), (True, "fused")]
         for batch in args.batch_sizes or DEFAULT_BATCHES.get(preset, (8,)):
             steps = {v: make_step(preset, batch, device, v[0], v[1], args.amp) for v in variants}
             times: dict = {v: [] for v in variants}

@@ -1,6 +1,6 @@
 """Speed options that leave the math alone: channels_last, TF32, fused optimiser kernels, torch.compile.
 
-    options = PerformanceOptions.for_device(device)        # the measured (CPU) / documented (CUDA) best
+    options = PerformanceOptions.for_device(device, 64)    # the measured (CPU) / documented (CUDA) best
     model = apply(model, options)                          # in place; state_dict keys do not change
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, **optimizer_kwargs(options))
 
@@ -34,13 +34,16 @@ class PerformanceOptions:
     compile: bool = False
 
     @classmethod
-    def for_device(cls, device: torch.device | str) -> PerformanceOptions:
+    def for_device(cls, device: torch.device | str, image_size: int | None = None) -> PerformanceOptions:
+        """The defaults for ``device`` and a model of ``image_size`` px (None: a full-size preset)."""
         if torch.device(device).type == "cuda":
             # documented best on Ampere and later: TF32, fused AdamW, NHWC convolutions
             return cls(channels_last=True, tf32=True, fused_optimizer=True, compile=False)
-        # measured on the project's CPU: NHWC convolutions ~1.5-2x faster, fused Adam a little faster;
-        # compile is left off because its minutes of compilation do not pay back in short CPU runs
-        return cls(channels_last=True, tf32=False, fused_optimizer=True, compile=False)
+        # measured on the project's CPU (benchmarks/RESULTS.md, "Core speed"): NHWC makes ffhq64's step
+        # ~2x faster, where convolutions dominate; at 16-32 px the rest dominates and NHWC GroupNorm's slower
+        # backward ate the gain (0.8-1.0x). compile stays off: its minutes of compiling do not pay back here.
+        big = image_size is None or image_size >= 64
+        return cls(channels_last=big, tf32=False, fused_optimizer=True, compile=False)
 
     def replace(self, **overrides: bool | None) -> PerformanceOptions:
         """A copy with the non-None ``overrides`` applied (``None`` keeps this object's value)."""

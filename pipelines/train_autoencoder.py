@@ -75,8 +75,8 @@ class TrainJobConfig(TrainerJob):
                                 help="the model and its recipe (a preset, then --config's `model` mapping)")
     precision: str = option("auto", choices=("auto", *cluster.PRECISIONS),
                             help="auto: bf16 (or fp16) autocast on GPU, fp32 on CPU")
-    channels_last: bool | None = option(None, help="NHWC weights and activations (default: per device, "
-                                        "diffae_core.performance: on for CPU and CUDA)")
+    channels_last: bool | None = option(None, help="NHWC weights and activations (default: diffae_core.performance's: "
+                                        "on for CUDA, on for CPU from 64 px)")
     tf32: bool | None = option(None, help="TF32 matmuls and convolutions on CUDA (default: on for CUDA)")
     fused_optimizer: bool | None = option(None, help="fused Adam/AdamW kernel instead of foreach (default: on)")
     compile: bool | None = option(None, help="torch.compile the encoder and the UNet (default: off)")
@@ -156,7 +156,7 @@ class AutoencoderTask(TrainTask):
         recipe = job.model.train
         self.dtype = autocast_dtype(job.precision, ctx.device)
         torch.manual_seed(recipe.seed)  # identical initial weights on every rank
-        speed = speed_options(job, ctx.device)
+        speed = speed_options(job, ctx.device, job.model.image_size)
         self.model = apply(DiffAE(job.model).to(ctx.device).train(), speed.replace(compile=False))
         self.opt = Optimization(self.model, recipe, fp16=self.dtype is torch.float16,
                                 optimizer_options=optimizer_kwargs(speed))

@@ -59,10 +59,11 @@ def local_batch(global_n: int, world: int, rank: int, step: int) -> int:
     return base + (1 if (rank - step) % world < extra else 0)
 
 
-def speed_options(job: Any, device: torch.device) -> PerformanceOptions:
-    """The device's defaults (diffae_core.performance) overridden by the job's fields of the same names
-    (``channels_last``, ``tf32``, ``fused_optimizer``, ``compile``) that are not None."""
-    return PerformanceOptions.for_device(device).replace(**{name: getattr(job, name, None) for name in OPTION_NAMES})
+def speed_options(job: Any, device: torch.device, image_size: int) -> PerformanceOptions:
+    """The defaults for the device and image size (diffae_core.performance) overridden by the job's fields
+    of the same names (``channels_last``, ``tf32``, ``fused_optimizer``, ``compile``) that are not None."""
+    defaults = PerformanceOptions.for_device(device, image_size)
+    return defaults.replace(**{name: getattr(job, name, None) for name in OPTION_NAMES})
 
 
 # ---- the optimisation step ------------------------------------------------------------------------
