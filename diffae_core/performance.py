@@ -39,9 +39,11 @@ class PerformanceOptions:
         if torch.device(device).type == "cuda":
             # documented best on Ampere and later: TF32, fused AdamW, NHWC convolutions
             return cls(channels_last=True, tf32=True, fused_optimizer=True, compile=False)
-        # measured on the project's CPU (benchmarks/RESULTS.md, "Core speed"): NHWC makes ffhq64's step
-        # ~2x faster, where convolutions dominate; at 16-32 px the rest dominates and NHWC GroupNorm's slower
-        # backward ate the gain (0.8-1.0x). compile stays off: its minutes of compiling do not pay back here.
+        # measured on the project's (busy, 2-core) CPU, benchmarks/RESULTS.md "Core speed": NHWC convolutions
+        # run 1.5-2x faster, which wins where they dominate (ffhq64: 1.04-2.5x per step); at 16-32 px the rest
+        # dominates and NHWC GroupNorm's 4x slower backward ate the gain (demo16 0.81x, tiny32 0.9-1.2x).
+        # Fused Adam was within noise of foreach (it is ~3% of a step); it makes one pass per tensor.
+        # compile stays off: minutes of compiling on 2 cores do not pay back in the runs made here.
         big = image_size is None or image_size >= 64
         return cls(channels_last=big, tf32=False, fused_optimizer=True, compile=False)
 

@@ -21,9 +21,10 @@ def test_quick_cpu_run_writes_tables_and_small_agreement(tmp_path, capsys):
         (op, v) for op in ("encode", "invert", "decode") for v in ("fp32", "defaults", "bf16")}
     for row in report["agreement"]:
         assert math.isfinite(row["max_abs_error"]) and row["reference_max_abs"] > 0.01  # a non-trivial output
-        # channels_last only reorders the sums; decoding multiplies eps errors by up to sqrt(1/a_t - 1) ~ 14
-        limit = {"encode": 1e-5, "invert": 1e-4, "decode": 1e-3}[row["op"]]
-        limit *= 200 if row["variant"] == "bf16" else 1
+        # fp32 and channels_last only reorder the sums; bf16 keeps 8 mantissa bits; decoding multiplies eps
+        # errors by up to sqrt(1/a_t - 1) ~ 14 (measured: 3e-7/2e-6/2e-4 channels_last, 4e-3/2e-3/6e-2 bf16)
+        limits = {"encode": (1e-5, 0.02), "invert": (1e-4, 0.02), "decode": (1e-3, 0.2)}[row["op"]]
+        limit = limits[1] if row["variant"] == "bf16" else limits[0]
         assert row["max_abs_error"] < limit, row
     assert {r["precision"] for r in report["training"]} == {"fp32", "bf16"}
     for row in report["training"]:
