@@ -40,10 +40,9 @@ class PerformanceOptions:
             # documented best on Ampere and later: TF32, fused AdamW, NHWC convolutions
             return cls(channels_last=True, tf32=True, fused_optimizer=True, compile=False)
         # measured on the project's (busy, 2-core) CPU, benchmarks/RESULTS.md "Core speed": NHWC convolutions
-        # run 1.5-2x faster, which wins where they dominate (ffhq64: 1.04-2.5x per step); at 16-32 px the rest
-        # dominates and NHWC GroupNorm's 4x slower backward ate the gain (demo16 0.81x, tiny32 0.9-1.2x).
-        # Fused Adam was within noise of foreach (it is ~3% of a step); it makes one pass per tensor.
-        # compile stays off: minutes of compiling on 2 cores do not pay back in the runs made here.
+        # run 1.5-2x faster in a profile, and channels_last + fused Adam was the fastest ffhq64 step (1.07x);
+        # at 16 px NHWC GroupNorm's 4x slower backward ate the gain (demo16 0.81x). Fused Adam was within
+        # noise of foreach (~3% of a step; one pass per tensor). compile: 8 minutes of compiling, then 0.88x.
         big = image_size is None or image_size >= 64
         return cls(channels_last=big, tf32=False, fused_optimizer=True, compile=False)
 
