@@ -63,7 +63,9 @@ def apply(model: nn.Module, options: PerformanceOptions) -> nn.Module:
 
     channels_last converts the 4-D weights; a convolution with NHWC weights returns NHWC activations,
     so inputs need no conversion. compile uses ``nn.Module.compile`` on every direct child network,
-    which, unlike ``torch.compile(model)``, keeps the state_dict keys (no ``_orig_mod.`` prefix).
+    which, unlike ``torch.compile(model)``, keeps the state_dict keys (no ``_orig_mod.`` prefix). Compile
+    after any ``copy.deepcopy`` of the model (the EMA's): a copy of a compiled module calls the original's
+    forward, with the original's weights.
     """
     if options.tf32:
         set_tf32(True)
