@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +21,33 @@ from benchmarks.common import machine, median, setup_threads, time_calls  # noqa
 from diffae_core import DiffAE  # noqa: E402
 
 DEFAULT_BATCHES = {"tiny32": (1, 8, 32), "ffhq64": (1, 8)}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_model(preset: str, device: torch.device, dtype: str = "fp32", channels_last: bool = False,
+               compile: bool = False) -> DiffAE:
+    """A random-init ``preset`` in eval mode with the given inference dtype and speed options (plain torch
+    calls, so benchmarks/compare_core.py can use this against an older diffae_core)."""
+    torch.manual_seed(0)
+    model = DiffAE.from_preset(preset).to(device)
+    model.inference_dtype = DTYPES[dtype]
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        model.encoder.compile()
+        model.unet.compile()
+    return model
+
+
+def make_ops(model: DiffAE, batch: int, steps: int) -> dict[str, Callable[[], torch.Tensor]]:
+    """{"encode", "invert+decode"} on a fixed random batch [batch, 3, S, S] in [-1, 1]."""
+    size = model.image_size
+    x = torch.rand(batch, 3, size, size, device=model.device) * 2 - 1
+    z = model.encode(x)
+    return {
+        "encode": lambda: model.encode(x),
+        "invert+decode": lambda: model.decode(model.encode_stochastic(x, z, steps=steps), z, steps=steps),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,26 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     args = p.parse_args(argv)
     setup_threads(args.threads)
     device = torch.device(args.device)
+    from diffae_core.config import get_preset  # here, not at the top: see make_model
+    from diffae_core.performance import PerformanceOptions
+
     print(f"# sampling, {machine()}, dtype={args.dtype}, steps={args.steps}")
-    print("preset   batch  op              median_s  images/s")
+    print("preset   batch  op              median_s  images/s  (diffae_core.performance defaults)")
     for preset in args.presets:
-        torch.manual_seed(0)
-        model = DiffAE.from_preset(preset).to(device)
-        model.inference_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
-        size = model.image_size
+        options = PerformanceOptions.for_device(device, get_preset(preset).image_size)
+        model = make_model(preset, device, args.dtype, options.channels_last, options.compile)
         for batch in args.batch_sizes or DEFAULT_BATCHES.get(preset, (1, 8)):
-            x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
-            z = model.encode(x)
-            ops = {
-                "encode": lambda x=x, model=model: model.encode(x),
-                "invert+decode": lambda x=x, z=z, model=model: model.decode(
-                    model.encode_stochastic(x, z, steps=args.steps), z, steps=args.steps),
-            }
-            for name, fn in ops.items():
+            for name, fn in make_ops(model, batch, args.steps).items():
                 t = median(time_calls(fn, device, repeats=args.repeats))
                 print(f"{preset:8} {batch:5}  {name:14}  {t:8.3f}  {batch / t:8.2f}", flush=True)
     return 0

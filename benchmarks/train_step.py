@@ -5,7 +5,9 @@
 
 One step = encoder + UNet forward, eps-MSE loss, backward, grad clipping, Adam, EMA update.
 ``--compare`` times variants interleaved (memory format x optimizer implementation) so that the
-machine's drift affects all of them alike; otherwise only the default configuration is timed.
+machine's drift affects all of them alike; otherwise only the device's default configuration
+(``diffae_core.performance.PerformanceOptions.for_device``) is timed. ``make_step`` uses plain torch
+calls for the options, so benchmarks/compare_core.py can run it against an older diffae_core.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,11 +30,15 @@ DEFAULT_BATCHES = {"tiny32": (8, 32), "demo16": (32,), "ffhq64": (4, 16)}
 
 
 def make_step(preset: str, batch: int, device: torch.device, channels_last: bool, optim_impl: str,
-              amp: str | None):
+              amp: str | None, compile: bool = False) -> Callable[[], None]:
+    """One training step of ``preset`` on a fixed random batch [batch, 3, S, S]; optim_impl: fused | foreach."""
     torch.manual_seed(0)
     model = DiffAE.from_preset(preset).to(device).train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
+    if compile:
+        model.encoder.compile()
+        model.unet.compile()
     kwargs = {"fused": True} if optim_impl == "fused" else {"foreach": True}
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, **kwargs)
     ema = EMA(model, decay=0.9999)
@@ -52,6 +59,15 @@ def make_step(preset: str, batch: int, device: torch.device, channels_last: bool
     return step
 
 
+def default_variant(device: torch.device, preset: str) -> tuple[bool, str]:
+    """(channels_last, Adam implementation) of diffae_core.performance's defaults for the preset."""
+    from diffae_core.config import get_preset  # here, not at the top: see the module docstring
+    from diffae_core.performance import PerformanceOptions
+
+    options = PerformanceOptions.for_device(device, get_preset(preset).image_size)
+    return options.channels_last, "fused" if options.fused_optimizer else "foreach"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["tiny32", "ffhq64"])
@@ -65,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_threads(args.threads)
     device = torch.device(args.device)
     print(f"# train step, {machine()}, amp={args.amp or 'off'}")
-    variants = [(False, "foreach")]
-    if args.compare:
-        variants = [(False, "foreach"), (True, "foreach"), (False, "fused"), (True, "fused")]
     print("preset   batch  layout          adam     median_s  images/s")
     for preset in args.presets:
+        variants = [default_variant(device, preset)]
+        if args.compare:
+            variants = [(False, "foreach"), (True, "foreach"), (False, "fused"), (True, "fused")]
         for batch in args.batch_sizes or DEFAULT_BATCHES.get(preset, (8,)):
             steps = {v: make_step(preset, batch, device, v[0], v[1], args.amp) for v in variants}
             times: dict = {v: [] for v in variants}

@@ -16,15 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bundle import mismatch_error as bundle_mismatch
-from .bundle import read_bundle, write_bundle
 from .classifier import AttributeClassifier, resolve_attribute
 from .config import ModelConfig, get_preset
 from .diffusion import GaussianDiffusion
 from .encoder import SemanticEncoder
 from .latent import LatentMLP
-from .official_format import mismatch_error as official_mismatch
-from .official_format import read_official
 from .unet import ConditionalUNet
 from .weights import ClassifierWeights, LatentWeights, ModelWeights, WeightsMismatch, load_checked
 
@@ -39,6 +35,9 @@ NO_CLASSIFIER = (
 
 
 AUTOENCODER_PARTS = ("encoder", "unet")
+# _FORMATS: the file formats (bundle.py: safetensors + pyarrow storage; official_format.py) are imported
+# inside the methods that read and write them, so that this module never imports them at load time: no
+# import cycle, and the model itself needs nothing beyond torch and numpy (benchmarks/device_check.py).
 
 
 class DiffAE(nn.Module):
@@ -112,14 +111,18 @@ class DiffAE(nn.Module):
         parts: None for everything the bundle holds, or a subset of ("encoder", "unet", "latent",
         "classifier") to read and build only those networks.
         """
+        from .bundle import mismatch_error, read_bundle  # in the call: see _FORMATS
+
         weights = read_bundle(str(uri), endpoint, parts)
         try:
             return cls.from_weights(weights, device)
         except WeightsMismatch as exc:
-            raise bundle_mismatch(str(uri), exc) from None
+            raise mismatch_error(str(uri), exc) from None
 
     def save(self, uri: str | Path, endpoint: str | None = None) -> None:
         """Write this model as a bundle (EMA/inference weights, config, manifest with sha256)."""
+        from .bundle import write_bundle  # in the call: see _FORMATS
+
         write_bundle(str(uri), self.weights(), endpoint)
 
     @classmethod
@@ -137,11 +140,13 @@ class DiffAE(nn.Module):
         ``last.ckpt``; latent_stats: ``latent.pkl``. The architecture is inferred from the weights;
         ``image_size`` is needed only for files without the ``x_T`` buffer.
         """
+        from .official_format import mismatch_error, read_official  # in the call: see _FORMATS
+
         weights = read_official(path, classifier_ckpt=classifier_ckpt, latent_stats=latent_stats, image_size=image_size)
         try:
             return cls.from_weights(weights, device)
         except WeightsMismatch as exc:
-            raise official_mismatch(path, exc) from None
+            raise mismatch_error(path, exc) from None
 
     def attach_latent(
         self, net: LatentMLP | dict[str, torch.Tensor], mean: torch.Tensor, std: torch.Tensor

@@ -30,6 +30,7 @@ from diffae_core import DiffAE, storage
 from diffae_core.config import PRESETS, ModelConfig, get_preset
 from diffae_core.diffusion import PREDICTIONS
 from diffae_core.images import make_grid
+from diffae_core.performance import PerformanceOptions, apply, optimizer_kwargs
 
 from . import cluster, jobkit
 from .data import CROPS, open_images, source_uri
@@ -45,6 +46,7 @@ from .training import (
     TrainTask,
     derived_seed,
     run_loop,
+    speed_options,
 )
 
 DEFAULT_PRESET = "ffhq64"
@@ -73,6 +75,11 @@ class TrainJobConfig(TrainerJob):
                                 help="the model and its recipe (a preset, then --config's `model` mapping)")
     precision: str = option("auto", choices=("auto", *cluster.PRECISIONS),
                             help="auto: bf16 (or fp16) autocast on GPU, fp32 on CPU")
+    channels_last: bool | None = option(None, help="NHWC weights and activations (default: diffae_core.performance's: "
+                                        "on for CUDA, on for CPU from 64 px)")
+    tf32: bool | None = option(None, help="TF32 matmuls and convolutions on CUDA (default: on for CUDA)")
+    fused_optimizer: bool | None = option(None, help="fused Adam/AdamW kernel instead of foreach (default: on)")
+    compile: bool | None = option(None, help="torch.compile the encoder and the UNet (default: off)")
     grid_every: int = option(20_000, help="samples between PNG grids (official sample_every_samples)")
     crop: str = option("center", choices=CROPS, help="'celeba-d2c': the official CelebA crop")
     flip: bool = option(True, help="random horizontal flip")
@@ -149,8 +156,12 @@ class AutoencoderTask(TrainTask):
         recipe = job.model.train
         self.dtype = autocast_dtype(job.precision, ctx.device)
         torch.manual_seed(recipe.seed)  # identical initial weights on every rank
-        self.model = DiffAE(job.model).to(ctx.device).train()
-        self.opt = Optimization(self.model, recipe, fp16=self.dtype is torch.float16)
+        speed = speed_options(job, ctx.device, job.model.image_size)
+        self.model = apply(DiffAE(job.model).to(ctx.device).train(), speed.replace(compile=False))
+        self.opt = Optimization(self.model, recipe, fp16=self.dtype is torch.float16,
+                                optimizer_options=optimizer_kwargs(speed))
+        if speed.compile:  # after the EMA's deepcopy: a copy of a compiled module would run the original's weights
+            apply(self.model, PerformanceOptions(compile=True))
         self.loss = ctx.prepare(_Loss(self.model))
         self.start, self.stream = Position(), None
         self.grid_images: torch.Tensor | None = None

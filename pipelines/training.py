@@ -37,6 +37,7 @@ from torch import nn
 
 from diffae_core.config import TrainConfig
 from diffae_core.ema import EMA
+from diffae_core.performance import OPTION_NAMES, PerformanceOptions
 
 from . import cluster
 from .jobkit import RunDir, option
@@ -56,6 +57,13 @@ def local_batch(global_n: int, world: int, rank: int, step: int) -> int:
     """Rank ``rank``'s share of a global batch of ``global_n`` samples at step ``step`` (they sum to global_n)."""
     base, extra = divmod(global_n, world)
     return base + (1 if (rank - step) % world < extra else 0)
+
+
+def speed_options(job: Any, device: torch.device, image_size: int) -> PerformanceOptions:
+    """The defaults for the device and image size (diffae_core.performance) overridden by the job's fields
+    of the same names (``channels_last``, ``tf32``, ``fused_optimizer``, ``compile``) that are not None."""
+    defaults = PerformanceOptions.for_device(device, image_size)
+    return defaults.replace(**{name: getattr(job, name, None) for name in OPTION_NAMES})
 
 
 # ---- the optimisation step ------------------------------------------------------------------------
