@@ -53,9 +53,13 @@ class PerformanceOptions:
 
 def set_tf32(enabled: bool) -> None:
     """Process-wide: TF32 for fp32 matmuls and cuDNN convolutions (PyTorch has no per-module switch)."""
-    precision = "tf32" if enabled else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = precision
-    torch.backends.cudnn.conv.fp32_precision = precision
+    if hasattr(torch.backends.cudnn, "conv"):  # torch >= 2.9: the precision API
+        precision = "tf32" if enabled else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:  # the older switches (the package admits torch >= 2.5)
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def apply(model: nn.Module, options: PerformanceOptions) -> nn.Module:
