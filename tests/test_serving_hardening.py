@@ -175,8 +175,7 @@ def server(ray_cluster, bundle, tmp_path_factory):  # noqa: F811 - `bundle` is t
     seen = {p: p.stat().st_size for p in logs.glob("replica_diffae_Ingress_*.log")}  # earlier apps' lines
     try:
         with httpx.Client(base_url=url, timeout=120) as client:
-            yield SimpleNamespace(url=url, client=client, port=int(url.rsplit(":", 1)[1]), logs=logs, seen=seen,
-                                  metrics_url=f"http://127.0.0.1:{ray_cluster['metrics_port']}/metrics")
+            yield SimpleNamespace(url=url, client=client, port=int(url.rsplit(":", 1)[1]), logs=logs, seen=seen)
     finally:
         serve.shutdown()
 
@@ -296,7 +295,7 @@ def test_client_disconnects_are_499_not_500_and_one_log_line(server, images):  #
     asyncio.run(hang_up_mid_compute())
     deadline, samples = time.monotonic() + 60, {}
     while time.monotonic() < deadline:
-        samples = scrape(server.metrics_url)
+        samples = scrape()
         if total(samples, "ray_diffae_requests_total", route="/v1/encode", code="499") >= 2:
             break
         time.sleep(1)
