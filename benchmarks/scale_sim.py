@@ -168,11 +168,12 @@ def _trained_steps(ledger: Path, attempt: str | None = None) -> int:
                default=0)
 
 
-def _survivors(ledger: Path) -> dict[str, Any] | None:
-    """The first 2-worker attempt that trained two steps past its checkpoint, if any. (Ray Train may start more
-    than one attempt after a loss, e.g. one that fails while the dead node is still being detected.)"""
-    return next((a for a in _attempts(ledger)
-                 if a["world"] == 2 and _trained_steps(ledger, a["attempt"]) >= a["resumed_from"] + 2), None)
+def _survivors(ledger: Path, after: float) -> dict[str, Any] | None:
+    """The first 2-worker attempt started after ``after`` that trained two steps past its checkpoint, if any.
+    (Ray Train may start more than one attempt after a loss, e.g. one that fails while the dead node is
+    still being detected.)"""
+    return next((a for a in _attempts(ledger) if a["world"] == 2 and a["time"] > after
+                 and _trained_steps(ledger, a["attempt"]) >= a["resumed_from"] + 2), None)
 
 
 def _train_in_thread(job: Any) -> tuple[threading.Thread, list, list]:
@@ -217,15 +218,18 @@ def train_through_node_loss(cluster: Any, data: str, storage_uri: str, ledger: P
     with worker_nodes(cluster, 3, TRAIN_NODE) as nodes:
         timeline = Timeline()
         thread, results, errors = _train_in_thread(training_job(data, storage_uri, ledger, steps, batch))
-        wait_until(lambda: _trained_steps(ledger) >= kill_after_step, timeout, "the first attempt's steps", errors,
+        # Ray Train may start with 2 workers while the third node comes up, and grow at the next resize:
+        # the node dies once all 3 train.
+        wait_until(lambda: _full_group(ledger, kill_after_step) is not None, timeout, "3 workers to train", errors,
                    thread)
-        victim_id = next(a["node"] for a in _attempts_all(ledger) if a["rank"] == 1)
+        victim_id = next(a["node"] for a in _attempts_all(ledger, _full_group(ledger, kill_after_step))
+                         if a["rank"] == 1)
         cluster.remove_node(next(n for n in nodes if n.node_id == victim_id), allow_graceful=False)
-        timeline.mark(f"kill the node of rank 1 after step {_trained_steps(ledger)}")
+        killed = timeline.mark(f"kill the node of rank 1 after step {_trained_steps(ledger)}")
         timeline.mark("Ray marks the node dead", wait_until(lambda: not node_alive(victim_id), timeout, "node death"))
-        trained = wait_until(lambda: _survivors(ledger) is not None, timeout, "the survivors to train", errors,
-                             thread)
-        second = _survivors(ledger)
+        trained = wait_until(lambda: _survivors(ledger, killed) is not None, timeout, "the survivors to train",
+                             errors, thread)
+        second = _survivors(ledger, killed)
         timeline.mark(f"restarted on 2 workers from step {second['resumed_from']} "
                       f"(sample {second['resumed_from'] * batch})", second["time"])
         timeline.mark("the 2 survivors train on", trained)
@@ -242,12 +246,19 @@ def train_through_node_loss(cluster: Any, data: str, storage_uri: str, ledger: P
     return TrainingLoss(timeline, audit(ledger, batch * steps, batch), results[0].summary)
 
 
-def _attempts_all(ledger: Path) -> list[dict[str, Any]]:
-    """Every rank's attempt record of the first attempt."""
+def _full_group(ledger: Path, steps: int) -> str | None:
+    """The latest attempt, when it has 3 workers and trained to step ``steps``; else None."""
+    attempts = _attempts(ledger)
+    if attempts and attempts[-1]["world"] == 3 and _trained_steps(ledger, attempts[-1]["attempt"]) >= steps:
+        return attempts[-1]["attempt"]
+    return None
+
+
+def _attempts_all(ledger: Path, attempt: str | None) -> list[dict[str, Any]]:
+    """Every rank's record of ``attempt``."""
     from pipelines.ledger import read
 
-    first = _attempts(ledger)[0]["attempt"]
-    return [r for r in read(ledger) if r["kind"] == "attempt" and r["attempt"] == first]
+    return [r for r in read(ledger) if r["kind"] == "attempt" and r["attempt"] == attempt]
 
 
 # ---- serving -------------------------------------------------------------------------------------------

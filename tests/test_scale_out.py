@@ -32,7 +32,9 @@ def test_elastic_training_survives_a_node_kill_and_grows_back(ray_cluster, s3_bu
           f"{[(a.resumed_from, a.world, a.steps) for a in account.attempts]}")
 
     worlds = [a.world for a in account.attempts]
-    assert worlds[0] == 3 and 2 in worlds and worlds[-1] == 3, worlds  # lost a node, went on with 2, grew back
+    # lost a node of the 3-worker group, went on with 2, grew back to 3 (a run may also start on 2 and grow
+    # while the third node comes up)
+    assert (3, 2) in set(zip(worlds, worlds[1:], strict=False)) and worlds[-1] == 3, worlds
     assert any(a.world == 2 and a.steps > a.resumed_from for a in account.attempts)  # the survivors trained
     assert (account.counted, account.lost, account.doubled) == (BATCH * STEPS, 0, 0)
     assert all(a.resumed_from % 4 == 0 for a in account.attempts)  # every restart began at a checkpoint
