@@ -26,11 +26,6 @@ MAX_JSON_OBJECTS = 64  # the API's bodies hold at most two (the body, `edits`)
 _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
-def json_depth(data: bytes) -> int:
-    """The deepest nesting of arrays and objects in JSON text (brackets inside strings do not count)."""
-    return _scan(_STRING.sub(b'""', data))[0]
-
-
 def _scan(bare: bytes) -> tuple[int, int]:
     """(nesting depth, number of objects) of JSON text whose strings were emptied."""
     codes = np.frombuffer(bare, np.uint8)
