@@ -224,6 +224,8 @@ def run_all(args: argparse.Namespace, base: Worker, new: Worker) -> dict:
         groups += [("train", args.train[1:2], {k: (new, v) for k, v in TRAIN_OPTIONS.items()}),
                    ("recon", args.recon[1:2], {k: (new, v) for k, v in RECON_OPTIONS.items()})]
     for index, (kind, texts, variants) in enumerate(groups):
+        if not texts:  # e.g. `--recon` with no cases: that table is skipped
+            continue
         cases = [parse_case(kind, text) for text in texts]
         results = [time_case(case, variants, args.repeats) for case in cases]
         first = next(iter(variants))

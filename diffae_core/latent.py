@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import LatentConfig
-from .nn import timestep_embedding
+from .nn import Dropout, timestep_embedding
 
 
 class LatentLayer(nn.Module):
@@ -25,7 +25,7 @@ class LatentLayer(nn.Module):
             self.linear_emb = nn.Linear(cond_ch, out_ch)
             self.norm: nn.Module = nn.LayerNorm(out_ch) if cfg.use_norm else nn.Identity()
             self.act: nn.Module = nn.SiLU()
-            self.dropout: nn.Module = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+            self.dropout: nn.Module = Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
             # Kaiming-normal (fan_in, ReLU gain) for hidden layers, as the official initialisation
             for lin in (self.linear, self.linear_emb):
                 nn.init.kaiming_normal_(lin.weight, a=0, nonlinearity="relu")

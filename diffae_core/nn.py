@@ -47,6 +47,39 @@ def modulated_group_norm(
     return torch.addcmul(bias * scale + shift, n, weight * scale).to(x.dtype)
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU training mask costs a quarter of ATen's.
+
+    On the CPU, ATen draws the mask with ``bernoulli_``, which at one thread takes about as long as a
+    3x3 convolution's forward over the same feature map. Here the mask comes from one 32-bit uniform
+    integer per element (``random_`` on an int64 buffer, so still torch's generator and
+    ``torch.manual_seed``): an element is kept when its integer is at least ``round(p * 2**32)`` above
+    the minimum, i.e. with probability 1 - p to within 2**-33, and kept elements are scaled by 1/(1 - p)
+    like ``F.dropout``. Other devices, eval mode and p in {0, 1} use ``F.dropout``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.device.type != "cpu" or not 0.0 < self.p < 1.0:
+            return super().forward(x)
+        return x * dropout_mask(x, self.p)
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A mask shaped like x [B, C, H, W] (any shape), in x's dtype: 0 with probability p, else 1 / (1 - p).
+
+    The elements are independent, so the mask is laid out in x's memory order (NHWC for channels_last
+    x) and the multiply with x runs over both in order."""
+    n = x.numel()
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+    keep = bits.view(torch.int32)[:n] >= -(2**31) + round(p * 2**32)
+    # the bool's uint8 view converts to float in one vector pass (a bool tensor does not)
+    mask = keep.view(torch.uint8).to(x.dtype).mul_(1.0 / (1.0 - p))
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        b, c, h, w = x.shape
+        return mask.view(b, h, w, c).permute(0, 3, 1, 2)
+    return mask.view(x.shape)
+
+
 def normalization(channels: int) -> GroupNorm32:
     return GroupNorm32(min(32, channels), channels)
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 from diffae_core import DiffAE
+from diffae_core.blocks import AttentionBlock
+from diffae_core.nn import Dropout
 from diffae_core.performance import PerformanceOptions, apply, optimizer_kwargs
 from pipelines.training import speed_options
 
@@ -38,3 +41,44 @@ def test_defaults_per_device_and_job_overrides():
     job = SimpleNamespace(channels_last=False, tf32=None, fused_optimizer=False, compile=None)
     options = speed_options(job, torch.device("cpu"), 256)
     assert options == PerformanceOptions(channels_last=False, tf32=False, fused_optimizer=False, compile=False)
+
+
+def test_cpu_dropout_drops_at_rate_p_scales_and_follows_the_seed():
+    drop = Dropout(0.25).train()
+    x = torch.ones(32, 64, 16, 16)
+    y = drop(x)
+    assert torch.equal(y.unique(), torch.tensor([0.0, 4.0 / 3.0]))
+    assert abs((y == 0).float().mean().item() - 0.25) < 0.005  # 262k draws: 5 sigma is about 0.0042
+    torch.manual_seed(3)
+    a = drop(x)
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), a) and not torch.equal(drop(x), a)
+    xc = torch.randn(4, 8, 6, 5).to(memory_format=torch.channels_last)
+    yc = drop(xc)
+    assert yc.is_contiguous(memory_format=torch.channels_last)
+    assert bool(((yc == 0) | torch.isclose(yc, xc * 4.0 / 3.0)).all())
+    leaf = torch.randn(7, 9, requires_grad=True)
+    out = drop(leaf)
+    out.sum().backward()
+    assert torch.equal(leaf.grad, (out != 0).float() * 4.0 / 3.0)
+    assert torch.equal(drop.eval()(xc), xc)
+
+
+def test_cpu_attention_matches_sdpa_forward_and_backward():
+    """AttentionBlock's CPU matmul path against its SDPA path (the one other devices take)."""
+    torch.manual_seed(0)
+    for heads in (1, 2):
+        block = AttentionBlock(64, num_heads=heads)
+        torch.nn.init.normal_(block.proj_out.weight, std=0.1)
+        x = torch.randn(3, 64, 6, 5, requires_grad=True)
+        h = block.norm(x.reshape(3, 64, -1))
+        fast = block.proj_out_cpu(block.attend_cpu(h))
+        qkv = block.qkv(h).reshape(3, heads, 3 * 64 // heads, 30)
+        q, k, v = (p.transpose(-1, -2) for p in qkv.split(64 // heads, dim=2))
+        ref = block.proj_out(F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(3, 64, 30))
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+        g = torch.randn_like(ref)
+        grads = torch.autograd.grad(fast, [x, block.qkv.weight], g, retain_graph=True)
+        ref_grads = torch.autograd.grad(ref, [x, block.qkv.weight], g)
+        for got, want in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
