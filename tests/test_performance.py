@@ -5,7 +5,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 from diffae_core import DiffAE
 from diffae_core.blocks import AttentionBlock
@@ -64,21 +63,25 @@ def test_cpu_dropout_drops_at_rate_p_scales_and_follows_the_seed():
     assert torch.equal(drop.eval()(xc), xc)
 
 
-def test_cpu_attention_matches_sdpa_forward_and_backward():
-    """AttentionBlock's CPU matmul path against its SDPA path (the one other devices take)."""
+def test_attention_linear_sdpa_path_matches_the_conv_einsum_formulation():
+    """AttentionBlock.attend (linears over positions + SDPA) against the official formulation: 1x1 Conv1d
+    qkv, per-head legacy split, einsum logits scaled by 1/sqrt(ch) on both sides, float32 softmax —
+    forward and backward, one and two heads."""
     torch.manual_seed(0)
     for heads in (1, 2):
         block = AttentionBlock(64, num_heads=heads)
         torch.nn.init.normal_(block.proj_out.weight, std=0.1)
         x = torch.randn(3, 64, 6, 5, requires_grad=True)
         h = block.norm(x.reshape(3, 64, -1))
-        fast = block.proj_out_cpu(block.attend_cpu(h))
-        qkv = block.qkv(h).reshape(3, heads, 3 * 64 // heads, 30)
-        q, k, v = (p.transpose(-1, -2) for p in qkv.split(64 // heads, dim=2))
-        ref = block.proj_out(F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(3, 64, 30))
+        fast = block.attend(h)
+        ch = 64 // heads
+        q, k, v = block.qkv(h).reshape(3 * heads, 3 * ch, 30).split(ch, dim=1)
+        scale = 1 / ch**0.25
+        weights = torch.einsum("bct,bcs->bts", q * scale, k * scale).float().softmax(dim=-1)
+        ref = block.proj_out(torch.einsum("bts,bcs->bct", weights, v).reshape(3, 64, 30))
         torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
         g = torch.randn_like(ref)
-        grads = torch.autograd.grad(fast, [x, block.qkv.weight], g, retain_graph=True)
-        ref_grads = torch.autograd.grad(ref, [x, block.qkv.weight], g)
+        grads = torch.autograd.grad(fast, [x, block.qkv.weight, block.proj_out.weight], g, retain_graph=True)
+        ref_grads = torch.autograd.grad(ref, [x, block.qkv.weight, block.proj_out.weight], g)
         for got, want in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
