@@ -7,7 +7,6 @@ official weights load by name.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,8 +110,8 @@ class AttentionBlock(nn.Module):
 
     qkv is split per head first, then into q, k, v (channels [q_h, k_h, v_h] per head), and the
     logits are scaled by 1/sqrt(head_channels) — the official ``QKVAttentionLegacy``. Computed with
-    ``F.scaled_dot_product_attention`` (within float32 tolerance of the einsum formulation; the official
-    softmax runs in float32, SDPA's fused kernels accumulate in float32 for bf16/fp16 inputs too).
+    ``F.scaled_dot_product_attention`` (within float32 tolerance of the einsum formulation, whose softmax
+    runs in float32; for bf16/fp16 inputs SDPA's fused kernels accumulate the softmax in float32).
     """
 
     def __init__(self, channels: int, num_heads: int = 1):
