@@ -11,7 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import Downsample, Dropout, Upsample, modulated_group_norm, normalization, zero_module
+from .nn import (
+    Downsample,
+    Dropout,
+    Upsample,
+    group_norm_rows,
+    modulated_group_norm,
+    normalization,
+    uses_rows,
+    zero_module,
+)
 
 
 class ResBlock(nn.Module):
@@ -124,25 +133,37 @@ class AttentionBlock(nn.Module):
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, H, W] -> x + attention; a channels_last CPU map stays position-major throughout
+        (its [B, H*W, C] view is free), anything else goes through the [B, C, L] reshape."""
         b, c, *spatial = x.shape
+        if uses_rows(x):
+            rows = x.permute(0, 2, 3, 1).reshape(b, -1, c)  # [B, L, C], a view
+            normed = group_norm_rows(rows, self.norm.num_groups, self.norm.weight.expand(b, c),
+                                     self.norm.bias.expand(b, c), self.norm.eps)
+            out = rows + self.attend_positions(normed)
+            return out.view(b, *spatial, c).permute(0, 3, 1, 2)
         x = x.reshape(b, c, -1)
         return (x + self.attend(self.norm(x))).reshape(b, c, *spatial)
 
     def attend(self, h: torch.Tensor) -> torch.Tensor:
-        """proj_out(attention(qkv(h))) of the normalised h [B, C, L] -> [B, C, L].
+        """proj_out(attention(qkv(h))) of the normalised h [B, C, L] -> [B, C, L]."""
+        return self.attend_positions(h.transpose(1, 2)).transpose(1, 2)
+
+    def attend_positions(self, h: torch.Tensor) -> torch.Tensor:
+        """proj_out(attention(qkv(h))) of the normalised, position-major h [B, L, C] -> [B, L, C].
 
         The two 1x1 Conv1d run as linears over positions ([B, L, C] @ W^T, the conv's own weight): on the
         CPU a 1x1 Conv1d runs at a fraction of a matmul's speed, and position-major q, k, v (each [B, heads,
         L, head_ch] with unit stride in the last dim) are what SDPA's fused kernels take without a copy.
         """
-        b, c, length = h.shape
+        b, length, c = h.shape
         heads = self.num_heads
         head_ch = c // heads
-        qkv = F.linear(h.transpose(1, 2), self.qkv.weight[:, :, 0], self.qkv.bias)  # [B, L, 3C]
+        qkv = F.linear(h, self.qkv.weight[:, :, 0], self.qkv.bias)  # [B, L, 3C]
         q, k, v = qkv.view(b, length, heads, 3, head_ch).transpose(1, 2).unbind(dim=3)  # [B, heads, L, ch]
         a = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_ch), the official one
         a = a.transpose(1, 2).reshape(b, length, c)  # channels ordered (head, ch), as the official reshape
-        return F.linear(a, self.proj_out.weight[:, :, 0], self.proj_out.bias).transpose(1, 2)
+        return F.linear(a, self.proj_out.weight[:, :, 0], self.proj_out.bias)
 
 
 class CondSequential(nn.Sequential):

@@ -8,7 +8,7 @@ import torch
 
 from diffae_core import DiffAE
 from diffae_core.blocks import AttentionBlock
-from diffae_core.nn import Dropout
+from diffae_core.nn import Dropout, group_norm_nhwc, group_norm_rows
 from diffae_core.performance import PerformanceOptions, apply, optimizer_kwargs
 from pipelines.training import speed_options
 
@@ -33,8 +33,8 @@ def test_channels_last_keeps_keys_outputs_and_bundles(tmp_path):
 def test_defaults_per_device_and_job_overrides():
     cuda = PerformanceOptions.for_device("cuda")
     assert cuda.tf32 and cuda.fused_optimizer and cuda.channels_last and not cuda.compile
-    assert not PerformanceOptions.for_device("cpu", 32).channels_last
-    assert PerformanceOptions.for_device("cpu", 64).channels_last
+    assert not PerformanceOptions.for_device("cpu", 16).channels_last
+    assert PerformanceOptions.for_device("cpu", 32).channels_last
     assert optimizer_kwargs(PerformanceOptions(fused_optimizer=True)) == {"fused": True}
     assert optimizer_kwargs(PerformanceOptions()) == {"foreach": True}
     job = SimpleNamespace(channels_last=False, tf32=None, fused_optimizer=False, compile=None)
@@ -85,3 +85,48 @@ def test_attention_linear_sdpa_path_matches_the_conv_einsum_formulation():
         ref_grads = torch.autograd.grad(ref, [x, block.qkv.weight, block.proj_out.weight], g)
         for got, want in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_position_major_group_norm_matches_aten_forward_and_backward():
+    """group_norm_rows (the channels_last CPU inference GroupNorm) against F.group_norm with a per-example
+    affine, at 1, 2 and 4 channels per group; its autograd backward by gradcheck in float64."""
+    torch.manual_seed(0)
+    for b, c, groups in ((3, 32, 32), (2, 64, 32), (2, 16, 4)):
+        x = (torch.randn(b, c, 5, 6, dtype=torch.float64) * 3 + 2).contiguous(memory_format=torch.channels_last)
+        scale, shift = torch.randn(b, c, dtype=torch.float64), torch.randn(b, c, dtype=torch.float64)
+        want = torch.nn.functional.group_norm(x, groups, eps=1e-5) * scale[..., None, None] + shift[..., None, None]
+        got = group_norm_nhwc(x, groups, scale, shift, 1e-5)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+        rows = x.permute(0, 2, 3, 1).reshape(b, 30, c).detach().requires_grad_()
+        args = (rows, scale.requires_grad_(), shift.requires_grad_())
+        assert torch.autograd.gradcheck(lambda r, s, t, g=groups: group_norm_rows(r, g, s, t, 1e-5), args)
+
+
+def test_channels_last_inference_takes_the_rows_path_and_matches_nchw():
+    """Under no_grad a channels_last tiny32 encodes and decodes through group_norm_rows and the
+    position-major attention, within fp32 rounding of the NCHW model; with autograd it keeps ATen's."""
+    from diffae_core import nn as core_nn
+
+    torch.manual_seed(0)
+    model = DiffAE.from_preset("tiny32").eval()
+    x, x_T = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        z = model.encode(x)
+        want = model.decode(x_T, z, steps=2)
+    calls = []
+    original = core_nn._GroupNormRows.forward
+    core_nn._GroupNormRows.forward = staticmethod(lambda *a: calls.append(1) or original(*a))
+    try:
+        apply(model, PerformanceOptions(channels_last=True))
+        with torch.no_grad():
+            got_z = model.encode(x)
+            got = model.decode(x_T, got_z, steps=2)
+        inference_calls = len(calls)
+        model.train()
+        model.training_loss(x).backward()
+    finally:
+        core_nn._GroupNormRows.forward = original
+    assert inference_calls > 0 and len(calls) == inference_calls
+    torch.testing.assert_close(got_z, z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
