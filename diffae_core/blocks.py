@@ -15,7 +15,6 @@ from .nn import (
     Downsample,
     Dropout,
     Upsample,
-    group_norm_rows,
     modulated_group_norm,
     normalization,
     uses_rows,
@@ -138,8 +137,7 @@ class AttentionBlock(nn.Module):
         b, c, *spatial = x.shape
         if uses_rows(x):
             rows = x.permute(0, 2, 3, 1).reshape(b, -1, c)  # [B, L, C], a view
-            normed = group_norm_rows(rows, self.norm.num_groups, self.norm.weight.expand(b, c),
-                                     self.norm.bias.expand(b, c), self.norm.eps)
+            normed = self.norm(x).permute(0, 2, 3, 1).reshape(b, -1, c)  # channels_last too: a view
             out = rows + self.attend_positions(normed)
             return out.view(b, *spatial, c).permute(0, 3, 1, 2)
         x = x.reshape(b, c, -1)

@@ -68,54 +68,22 @@ def group_norm_rows(x: torch.Tensor, groups: int, scale: torch.Tensor, shift: to
 
     scale, shift: [B, C]. Statistics are over the N positions and the C // groups channels of a group,
     two-pass (mean, then the mean square of x - mean) like ATen's, with the biased variance. Every pass
-    runs along C, the unit-stride dim, so it vectorises where ATen's channels_last kernel does not.
+    over the map runs along C, the unit-stride dim, so it vectorises where ATen's channels_last kernel
+    does not. Plain differentiable ops: autograd derives the backward.
     """
-    return _GroupNormRows.apply(x, scale, shift, groups, eps)
+    b, n, c = x.shape
+    count = n * (c // groups)
+    mean = x.sum(1).view(b, groups, -1).sum(-1, keepdim=True) / count  # [B, G, 1]
+    centred = x - _per_channel(mean, c)
+    var = (centred * centred).sum(1).view(b, groups, -1).sum(-1, keepdim=True) / count
+    rstd = _per_channel(torch.rsqrt(var + eps), c)  # [B, 1, C]
+    return torch.addcmul(shift[:, None, :], centred, rstd * scale[:, None, :])
 
 
 def _per_channel(group_values: torch.Tensor, channels: int) -> torch.Tensor:
     """[B, G, 1] per-group values repeated over each group's channels: [B, 1, C]."""
     b, g, _ = group_values.shape
     return group_values.expand(b, g, channels // g).reshape(b, 1, channels)
-
-
-class _GroupNormRows(torch.autograd.Function):
-    """y = (x - mean) * rstd * A + C over x [B, N, C]; saves x - mean (one map) and rstd for the backward."""
-
-    @staticmethod
-    def forward(ctx, x, scale, shift, groups, eps):  # type: ignore[override]
-        b, n, c = x.shape
-        count = n * (c // groups)
-        mean = x.sum(1).view(b, groups, -1).sum(-1, keepdim=True).div_(count)  # [B, G, 1]
-        centred = x - _per_channel(mean, c)
-        var = (centred * centred).sum(1).view(b, groups, -1).sum(-1, keepdim=True).div_(count)
-        rstd = _per_channel(var.add_(eps).rsqrt_(), c)  # [B, 1, C]
-        y = torch.addcmul(shift[:, None, :], centred, rstd * scale[:, None, :])
-        ctx.save_for_backward(centred, rstd, scale)
-        ctx.groups = groups
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):  # type: ignore[override]
-        """With xhat = (x - mean) * rstd and g = grad_y * A, the GroupNorm gradient is
-        ``dx = rstd * (g - mean_group(g) - xhat * mean_group(g * xhat))``; the group means come from the
-        per-channel sums dC = sum_N grad_y and dA = sum_N grad_y * xhat (A is constant over N)."""
-        centred, rstd, scale = ctx.saved_tensors
-        b, n, c = centred.shape
-        groups = ctx.groups
-        count = n * (c // groups)
-        grad_y = grad_y.contiguous()
-        grad_shift = grad_y.sum(1)  # [B, C]
-        grad_scale = (grad_y * centred).sum(1) * rstd[:, 0]
-
-        def group_mean(per_channel: torch.Tensor) -> torch.Tensor:  # [B, C] -> [B, 1, C]
-            return _per_channel(per_channel.view(b, groups, -1).sum(-1, keepdim=True), c) / count
-
-        mean_g = group_mean(scale * grad_shift)
-        mean_gx = group_mean(scale * grad_scale)
-        grad_x = torch.addcmul(-rstd * mean_g, grad_y, rstd * scale[:, None, :])
-        grad_x.addcmul_(centred, -(rstd * rstd) * mean_gx)
-        return grad_x, grad_scale, grad_shift, None, None
 
 
 def modulated_group_norm(
