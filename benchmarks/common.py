@@ -19,6 +19,14 @@ def setup_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def reuse_heap_by_default(device: torch.device) -> bool:
+    """Process-wide glibc heap reuse when diffae_core.performance's defaults for ``device`` turn it on
+    (imported here, not at the top: compare_core.py imports this module next to an older diffae_core)."""
+    from diffae_core.performance import PerformanceOptions, reuse_heap
+
+    return PerformanceOptions.for_device(device).heap_reuse and reuse_heap()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, median, setup_threads, time_calls  # noqa: E402
+from benchmarks.common import machine, median, reuse_heap_by_default, setup_threads, time_calls  # noqa: E402
 from diffae_core import DiffAE  # noqa: E402
 
 DEFAULT_BATCHES = {"tiny32": (1, 8, 32), "ffhq64": (1, 8)}
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_threads(args.threads)
     device = torch.device(args.device)
+    reuse_heap_by_default(device)
     from diffae_core.config import get_preset  # here, not at the top: see make_model
     from diffae_core.performance import PerformanceOptions
 

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, median, setup_threads, time_calls  # noqa: E402
+from benchmarks.common import machine, median, reuse_heap_by_default, setup_threads, time_calls  # noqa: E402
 from diffae_core import DiffAE  # noqa: E402
 from diffae_core.ema import EMA  # noqa: E402
 
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_threads(args.threads)
     device = torch.device(args.device)
+    reuse_heap_by_default(device)
     print(f"# train step, {machine()}, amp={args.amp or 'off'}")
     print("preset   batch  layout          adam     median_s  images/s")
     for preset in args.presets:

@@ -1,4 +1,5 @@
-"""Speed options that leave the math alone: channels_last, TF32, fused optimiser kernels, torch.compile.
+"""Speed options that leave the math alone: channels_last, TF32, fused optimiser kernels, torch.compile,
+and glibc heap reuse.
 
     options = PerformanceOptions.for_device(device, 64)    # the measured (CPU) / documented (CUDA) best
     model = apply(model, options)                          # in place; state_dict keys do not change
@@ -12,41 +13,54 @@ fastest on the project's CPU (benchmarks/RESULTS.md, "Core speed").
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import platform
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-OPTION_NAMES = ("channels_last", "tf32", "fused_optimizer", "compile")
+OPTION_NAMES = ("channels_last", "tf32", "fused_optimizer", "compile", "heap_reuse")
+
+# glibc's mallopt parameters (malloc.h) and the values reuse_heap sets
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+HEAP_MMAP_THRESHOLD = 32 * 2**20  # the largest glibc accepts on 64-bit; bigger blocks are still mmapped
+HEAP_TRIM_THRESHOLD = 2**30
 
 
 @dataclass(frozen=True)
 class PerformanceOptions:
     """channels_last: weights (hence activations) in NHWC, which oneDNN and cuDNN convolve faster;
     tf32: TF32 matmuls/convolutions on CUDA; fused_optimizer: Adam/AdamW's fused kernel (else foreach);
-    compile: ``torch.compile`` each network in place (first steps pay the compilation)."""
+    compile: ``torch.compile`` each network in place (first steps pay the compilation); heap_reuse:
+    :func:`reuse_heap`, process-wide (freed feature maps stay in the heap for the next call)."""
 
     channels_last: bool = False
     tf32: bool = False
     fused_optimizer: bool = False
     compile: bool = False
+    heap_reuse: bool = False
 
     @classmethod
     def for_device(cls, device: torch.device | str, image_size: int | None = None) -> PerformanceOptions:
         """The defaults for ``device`` and a model of ``image_size`` px (None: a full-size preset)."""
         if torch.device(device).type == "cuda":
             # documented best on Ampere and later: TF32, fused AdamW, NHWC convolutions
-            return cls(channels_last=True, tf32=True, fused_optimizer=True, compile=False)
+            # heap_reuse: host memory is not where a GPU step's time goes (not measured on a GPU)
+            return cls(channels_last=True, tf32=True, fused_optimizer=True, compile=False, heap_reuse=False)
         # measured on the project's (busy, 2-core) CPU, benchmarks/RESULTS.md "Core speed": NHWC convolutions
         # run 1.5-2x faster in a profile, and channels_last + fused Adam was the fastest ffhq64 step (1.07x);
         # at 16 px NHWC GroupNorm's 4x slower backward ate the gain (demo16 0.81x, 0.85x on a quiet machine);
         # at 32 px channels_last was 1.01-1.04x the NCHW training step and 1.01x (b1) to 1.28x (b8) the NCHW
         # reconstruction. Fused Adam was within noise of foreach (~3% of a step; one pass per tensor).
-        # compile: 8 minutes of compiling, then 0.88x.
+        # compile: 8 minutes of compiling, then 0.88x (training) and 0.90x (tiny32 b8 reconstruction).
+        # heap_reuse: 1.17x the tiny32 b16 step and 1.19x the b8 reconstruction (128k page faults per
+        # reconstruction without it, 341 with it).
         big = image_size is None or image_size >= 32
-        return cls(channels_last=big, tf32=False, fused_optimizer=True, compile=False)
+        return cls(channels_last=big, tf32=False, fused_optimizer=True, compile=False, heap_reuse=True)
 
     def replace(self, **overrides: bool | None) -> PerformanceOptions:
         """A copy with the non-None ``overrides`` applied (``None`` keeps this object's value)."""
@@ -64,6 +78,27 @@ def set_tf32(enabled: bool) -> None:
         torch.backends.cudnn.allow_tf32 = enabled
 
 
+def reuse_heap() -> bool:
+    """Process-wide, glibc only: keep freed feature maps in the heap for reuse. Returns whether it took effect.
+
+    glibc serves a block above its mmap threshold (128 KiB at start, raised on the fly to at most a few
+    MiB) with a fresh mmap and unmaps it on free, and gives the top of the heap back to the kernel
+    above its trim threshold. Every MiB-sized activation then costs page faults (the kernel zeroes each
+    page) on first touch, on every call: 128k faults per tiny32 b8 reconstruction here. With the mmap
+    threshold at 32 MiB and the trim threshold at 1 GiB, freed maps are reused from the heap instead.
+    The cost: the process keeps its peak heap (it does not shrink after a large batch). Other C
+    libraries (musl, macOS) are left alone, and so is an allocator preloaded in glibc's place.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD))
+
+
 def apply(model: nn.Module, options: PerformanceOptions) -> nn.Module:
     """Apply ``options`` to ``model`` in place and return it.
 
@@ -75,6 +110,8 @@ def apply(model: nn.Module, options: PerformanceOptions) -> nn.Module:
     """
     if options.tf32:
         set_tf32(True)
+    if options.heap_reuse:
+        reuse_heap()
     if options.channels_last:
         model.to(memory_format=torch.channels_last)
     if options.compile:

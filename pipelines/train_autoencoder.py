@@ -76,10 +76,12 @@ class TrainJobConfig(TrainerJob):
     precision: str = option("auto", choices=("auto", *cluster.PRECISIONS),
                             help="auto: bf16 (or fp16) autocast on GPU, fp32 on CPU")
     channels_last: bool | None = option(None, help="NHWC weights and activations (default: diffae_core.performance's: "
-                                        "on for CUDA, on for CPU from 64 px)")
+                                        "on for CUDA, on for CPU from 32 px)")
     tf32: bool | None = option(None, help="TF32 matmuls and convolutions on CUDA (default: on for CUDA)")
     fused_optimizer: bool | None = option(None, help="fused Adam/AdamW kernel instead of foreach (default: on)")
     compile: bool | None = option(None, help="torch.compile the encoder and the UNet (default: off)")
+    heap_reuse: bool | None = option(None, help="glibc keeps freed feature maps in the heap instead of unmapping "
+                                     "them, saving a page fault per page per step (default: on for CPU)")
     grid_every: int = option(20_000, help="samples between PNG grids (official sample_every_samples)")
     crop: str = option("center", choices=CROPS, help="'celeba-d2c': the official CelebA crop")
     flip: bool = option(True, help="random horizontal flip")

@@ -6,7 +6,8 @@ Encoder and Decoder batch dynamically with ``@serve.batch``; the model runs in a
 replica's event loop keeps collecting the next batch and answering health checks while a batch computes.
 Every batched call returns ``(result, batch_size)`` so callers can see how their request was batched.
 Each replica computes on the device Ray gives it (a GPU when its deployment asks for ``num_gpus``; on a
-machine without CUDA it says so in its log and uses the CPU) in its deployment's inference dtype.
+machine without CUDA it says so in its log and uses the CPU) in its deployment's inference dtype, with
+diffae_core.performance's speed defaults for that device (no compile: a replica must answer at once).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ray import serve
 
 from diffae_core import DiffAE
 from diffae_core.bundle import CLASSIFIER, LATENT, read_manifest
+from diffae_core.performance import PerformanceOptions, apply
 
 from .batching import DECODER_OPS, DecoderJob, group_indices, run_padded, stack
 from .metrics import ModelMetrics
@@ -65,7 +67,7 @@ class _Replica:
         self.dtype_name = replica["dtype"]
         model = DiffAE.load(bundle, device=self.device, endpoint=s3_endpoint, parts=parts)
         model.inference_dtype = DTYPES[replica["dtype"]]
-        return model
+        return apply(model, PerformanceOptions.for_device(self.device, model.image_size).replace(compile=False))
 
     def replica_actor_name(self) -> str:
         """Identity of the replica a call landed on: operators (and the failure tests) use it to find the actor."""
