@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .nn import (
+    Conv2d,
     Downsample,
     Dropout,
     Upsample,
     modulated_group_norm,
+    nhwc_inference,
     normalization,
-    uses_rows,
     zero_module,
 )
 
@@ -51,7 +52,7 @@ class ResBlock(nn.Module):
         self.has_lateral = has_lateral
         self.out_channels = out_channels
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            normalization(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
         self.updown = up or down
         self.resample: nn.Module = Upsample() if up else Downsample() if down else nn.Identity()
@@ -62,12 +63,12 @@ class ResBlock(nn.Module):
                 normalization(out_channels),
                 nn.SiLU(),
                 Dropout(p=dropout),
-                zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+                zero_module(Conv2d(out_channels, out_channels, 3, padding=1)),
             )
         if out_channels == channels:
             self.skip_connection: nn.Module = nn.Identity()
         else:
-            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+            self.skip_connection = Conv2d(channels, out_channels, 1)
 
     def forward(
         self,
@@ -135,7 +136,7 @@ class AttentionBlock(nn.Module):
         """x: [B, C, H, W] -> x + attention; a channels_last CPU map stays position-major throughout
         (its [B, H*W, C] view is free), anything else goes through the [B, C, L] reshape."""
         b, c, *spatial = x.shape
-        if uses_rows(x):
+        if nhwc_inference(x):
             rows = x.permute(0, 2, 3, 1).reshape(b, -1, c)  # [B, L, C], a view
             normed = self.norm(x).permute(0, 2, 3, 1).reshape(b, -1, c)  # channels_last too: a view
             out = rows + self.attend_positions(normed)

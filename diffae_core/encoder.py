@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import EncoderConfig, UNetConfig
-from .nn import normalization
+from .nn import Conv2d, normalization
 from .unet import build_input_path, build_middle
 
 
@@ -37,7 +37,7 @@ class SemanticEncoder(nn.Module):
             normalization(ch),
             nn.SiLU(),
             nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(ch, cfg.out_channels, 1),
+            Conv2d(ch, cfg.out_channels, 1),
             nn.Flatten(),
         )
 

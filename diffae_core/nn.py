@@ -28,8 +28,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and cast back, so reduced-precision runs keep stable statistics.
 
-    A channels_last feature map on the CPU goes through :func:`group_norm_rows` (ATen's NHWC GroupNorm
-    kernels are several times slower than its NCHW ones there); anything else through ``F.group_norm``.
+    The channels_last CPU inference maps where ATen's NHWC GroupNorm kernel is slow (:func:`uses_rows`) go
+    through :func:`group_norm_rows`; anything else through ``F.group_norm``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,15 +41,23 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(xf, self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
 
 
-def uses_rows(x: torch.Tensor) -> bool:
-    """Whether x takes the position-major GroupNorm: a float32 CPU [B, C, H, W] stored channels_last
-    (and not also NCHW-contiguous, as 1x1 maps are, which ATen's NCHW kernel handles well), outside
-    autograd. Measured (benchmarks/RESULTS.md): it makes a channels_last 20+20-step reconstruction 1.28x
-    the NCHW one at tiny32 b8, where ATen's NHWC kernel gave 1.11x; in training its backward was no
-    faster than ATen's (ffhq64 b4 step 3.08 vs 2.97 s), so training keeps ATen's kernels."""
+def nhwc_inference(x: torch.Tensor) -> bool:
+    """Whether x is a float32 CPU [B, C, H, W] stored channels_last (and not also NCHW-contiguous, as
+    1x1 maps are) outside autograd: such maps take the position-major attention and oneDNN for every
+    convolution (:class:`Conv2d`)."""
     return (x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
             and not (x.requires_grad and torch.is_grad_enabled())
             and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+
+
+def uses_rows(x: torch.Tensor) -> bool:
+    """Whether x takes the position-major GroupNorm (:func:`group_norm_nhwc`): an :func:`nhwc_inference`
+    map of at least 2 examples and at most 16x16 positions. Measured at one thread (benchmarks/RESULTS.md),
+    ATen's channels_last GroupNorm (+ the AdaGN addcmul) is 1.1-3x slower than it there ([8, 64, 16, 16]:
+    0.21 vs 0.08 ms), but faster at 32x32 ([8, 64, 32, 32]: 0.18 vs 0.23 ms) and for single images, where
+    the rows path's ~20 small ops cost more than they save. In training its backward was no faster than
+    ATen's (ffhq64 b4 step 3.08 vs 2.97 s), so training keeps ATen's kernels."""
+    return nhwc_inference(x) and x.shape[0] > 1 and x.shape[2] * x.shape[3] <= 256
 
 
 def group_norm_nhwc(x: torch.Tensor, groups: int, scale: torch.Tensor, shift: torch.Tensor,
@@ -138,6 +146,26 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
         b, c, h, w = x.shape
         return mask.view(b, h, w, c).permute(0, 3, 1, 2)
     return mask.view(x.shape)
+
+
+ONEDNN = torch.backends.mkldnn.is_available()  # oneDNN (MKL-DNN) is compiled into this torch
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that convolves a channels_last float32 CPU map with oneDNN whatever its size.
+
+    ATen picks oneDNN for most channels_last CPU maps but sends two kinds to its im2col + GEMM path at
+    one thread: 1x1 kernels below batch 16, and batch-1 maps under 20480 elements. There oneDNN is about
+    2x faster here (a [8, 64, 32, 32] 1x1 conv: 0.18 vs 0.38 ms; [1, 64, 16, 16] 3x3: 0.13 vs 0.23 ms),
+    with the same weights and a different summation order only. Anything else, and maps under autograd,
+    take ``nn.Conv2d``'s own path. The parameters are nn.Conv2d's, so state_dict keys do not change.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if nhwc_inference(x) and self.padding_mode == "zeros" and not isinstance(self.padding, str) and ONEDNN:
+            return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
+                                                     self.dilation, self.groups)
+        return super().forward(x)
 
 
 def normalization(channels: int) -> GroupNorm32:

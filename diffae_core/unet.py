@@ -14,7 +14,7 @@ from torch import nn
 
 from .blocks import AttentionBlock, CondSequential, ResBlock
 from .config import UNetConfig
-from .nn import normalization, timestep_embedding, zero_module
+from .nn import Conv2d, normalization, timestep_embedding, zero_module
 
 
 class TimeEmbedding(nn.Module):
@@ -48,7 +48,7 @@ def build_input_path(
     down block that enters a level count towards that level, as in the official code.
     """
     ch = channel_mult[0] * model_channels
-    blocks = nn.ModuleList([CondSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+    blocks = nn.ModuleList([CondSequential(Conv2d(in_channels, ch, 3, padding=1))])
     skip_channels: list[list[int]] = [[ch]] + [[] for _ in channel_mult[1:]]
     blocks_per_level = [1] + [0] * (len(channel_mult) - 1)
     resolution = image_size
@@ -125,7 +125,7 @@ class ConditionalUNet(nn.Module):
                 self.output_num_blocks[level] += 1
         self.output_num_blocks.reverse()  # in execution order: deepest level first
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+            normalization(ch), nn.SiLU(), zero_module(Conv2d(ch, cfg.out_channels, 3, padding=1))
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:

@@ -32,14 +32,15 @@ def test_channels_last_keeps_keys_outputs_and_bundles(tmp_path):
 
 def test_defaults_per_device_and_job_overrides():
     cuda = PerformanceOptions.for_device("cuda")
-    assert cuda.tf32 and cuda.fused_optimizer and cuda.channels_last and not cuda.compile
+    assert cuda.tf32 and cuda.fused_optimizer and cuda.channels_last and not cuda.compile and not cuda.heap_reuse
     assert not PerformanceOptions.for_device("cpu", 16).channels_last
     assert PerformanceOptions.for_device("cpu", 32).channels_last
     assert optimizer_kwargs(PerformanceOptions(fused_optimizer=True)) == {"fused": True}
     assert optimizer_kwargs(PerformanceOptions()) == {"foreach": True}
     job = SimpleNamespace(channels_last=False, tf32=None, fused_optimizer=False, compile=None)
     options = speed_options(job, torch.device("cpu"), 256)
-    assert options == PerformanceOptions(channels_last=False, tf32=False, fused_optimizer=False, compile=False)
+    assert options == PerformanceOptions(channels_last=False, tf32=False, fused_optimizer=False, compile=False,
+                                         heap_reuse=True)
 
 
 def test_cpu_dropout_drops_at_rate_p_scales_and_follows_the_seed():
@@ -130,3 +131,70 @@ def test_channels_last_inference_takes_the_rows_path_and_matches_nchw():
     assert inference_calls > 0 and len(calls) == inference_calls
     torch.testing.assert_close(got_z, z, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _profiled_ops(fn) -> set[str]:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return {event.key for event in prof.key_averages()}
+
+
+def test_conv2d_takes_onednn_for_channels_last_inference_and_matches_aten():
+    """The shapes ATen sends to its im2col path at one thread (1x1 below batch 16, small batch-1 maps) go
+    to oneDNN under no_grad, within fp32 summation-order rounding; under autograd nn.Conv2d's own path."""
+    from diffae_core.nn import Conv2d
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for batch, c_in, c_out, size, kernel in ((8, 64, 32, 16, 1), (1, 64, 64, 16, 3), (1, 32, 64, 8, 3)):
+            conv = Conv2d(c_in, c_out, kernel, padding=kernel // 2).to(memory_format=torch.channels_last)
+            x = torch.randn(batch, c_in, size, size).contiguous(memory_format=torch.channels_last)
+            want = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=kernel // 2)
+            with torch.no_grad():
+                ops = _profiled_ops(lambda c=conv, x=x: c(x))
+                got = conv(x)
+            assert "aten::mkldnn_convolution" in ops and "aten::_slow_conv2d_forward" not in ops, ops
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            x.requires_grad_()
+            assert "aten::_slow_conv2d_forward" in _profiled_ops(lambda c=conv, x=x: c(x))  # ATen's own choice
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_reuse_heap_keeps_freed_feature_maps_from_faulting_again():
+    """In a fresh process (the setting is process-wide): a channels_last tiny32 decoding a batch of 8
+    page-faults thousands of times per call with glibc's defaults (freed maps go back to the kernel),
+    and hardly at all after reuse_heap()."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        import pytest
+
+        pytest.skip("glibc only")
+    script = (
+        "import resource, torch\n"
+        "from diffae_core import DiffAE\n"
+        "from diffae_core.performance import reuse_heap\n"
+        "torch.manual_seed(0)\n"
+        "model = DiffAE.from_preset('tiny32').eval().to(memory_format=torch.channels_last)\n"
+        "x_T, z = torch.randn(8, 3, 32, 32), torch.randn(8, 512)\n"
+        "def faults():\n"
+        "    model.decode(x_T, z, steps=2)\n"
+        "    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    model.decode(x_T, z, steps=4)\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start\n"
+        "before = faults()\n"
+        "ok = reuse_heap()\n"
+        "print(before, faults(), ok)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300)
+    before, after, ok = out.stdout.split()
+    assert ok == "True"
+    assert int(before) >= 1000 and int(after) < int(before) / 20, out.stdout
