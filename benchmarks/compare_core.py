@@ -3,10 +3,12 @@
     python benchmarks/compare_core.py [--base 1ef4644] [--threads 1] [--repeats 5] [--options]
                                       [--train tiny32:16 tiny32:32] [--recon tiny32:1 tiny32:8] [--json FILE]
 
-Two long-lived worker processes, one importing the ``--base`` commit's diffae_core (extracted with
-``git archive``) and one this tree's, each build a case once and then time one call per request. The
-parent asks them in turn, one call of every variant per round, so both code versions see the same
-machine drift; it prints medians and ratios as markdown. The step and the reconstruction are
+For every case, fresh worker processes (what ran before in a process changes its timings: a tiny32
+b1 reconstruction after training cases took 0.78 s against 0.60 s in a fresh one): one importing the
+``--base`` commit's diffae_core (extracted with ``git archive``) and two this tree's (one as the base
+ran, one with this tree's process-wide CPU defaults, i.e. glibc heap reuse). Each builds the case once
+and then times one call per request. The parent asks them in turn, one call of every variant per
+round, so all versions see the same machine drift; it prints medians and ratios as markdown. The step and the reconstruction are
 benchmarks/train_step.py's ``make_step`` and benchmarks/sampling.py's ``make_ops`` from THIS tree in
 both workers. ``--options`` adds per-option rows (this tree only) and the bf16-vs-fp32 error of the
 shipped demo model's reconstruction.
@@ -60,22 +62,24 @@ def build(spec: dict) -> object:
     return make_ops(model, spec["batch"], spec.get("steps", 20))["invert+decode"]
 
 
-def worker(code_root: str, threads: int) -> None:
-    """Answer JSON requests on stdin: {"spec": ...} -> {"seconds": s}; {"clear": true} drops built cases."""
+def worker(code_root: str, threads: int, heap_reuse: bool) -> None:
+    """Answer JSON requests on stdin: {"spec": ...} -> {"seconds": s}."""
     import torch
 
     sys.path.insert(0, code_root)
     import diffae_core  # noqa: F401  (the version under test, cached before THIS tree's benchmarks load)
+
+    if heap_reuse:  # process-wide, so it is a property of the worker, not of a case
+        from diffae_core.performance import reuse_heap
+
+        if not reuse_heap():
+            raise RuntimeError("heap reuse asked for, but this C library has no glibc mallopt")
 
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(threads)
     cases: dict[str, object] = {}
     for line in sys.stdin:
         request = json.loads(line)
-        if request.get("clear"):
-            cases.clear()
-            print(json.dumps({"ok": True}), flush=True)
-            continue
         key = json.dumps(request["spec"], sort_keys=True)
         if key not in cases:
             cases[key] = build(request["spec"])
@@ -88,9 +92,10 @@ def worker(code_root: str, threads: int) -> None:
 
 # ---- parent side ---------------------------------------------------------------------------------------
 class Worker:
-    def __init__(self, code_root: Path, threads: int):
+    def __init__(self, code_root: Path, threads: int, heap_reuse: bool = False):
         env = {**os.environ, "PYTHONPATH": ""}
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", str(code_root), "--threads", str(threads)],
+        command = [sys.executable, __file__, "--worker", str(code_root), "--threads", str(threads)]
+        self.proc = subprocess.Popen(command + (["--heap-reuse"] if heap_reuse else []),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def ask(self, request: dict) -> dict:
@@ -116,15 +121,23 @@ def extract(rev: str, into: str) -> Path:
     return path
 
 
-def time_case(case: dict, variants: dict[str, tuple[Worker, Any]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of every variant of one case, interleaved: one call of each per round."""
+def time_case(case: dict, variants: dict[str, tuple[str, Any]], processes: dict[str, tuple[Path, bool]],
+              threads: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of every variant of one case, interleaved: one call of each per round.
+
+    variants: label -> (process name, spec overrides or a function of the case giving them);
+    processes: name -> (code root, heap reuse), started fresh for this case and closed after it."""
+    workers = {name: Worker(root, threads, heap) for name, (root, heap) in processes.items()
+               if any(name == process for process, _ in variants.values())}
     times: dict[str, list[float]] = {label: [] for label in variants}
-    for _ in range(repeats):
-        for label, (w, overrides) in variants.items():
-            extra = overrides(case) if callable(overrides) else overrides
-            times[label].append(w.ask({"spec": {**case, **extra}})["seconds"])
-    for w in {id(w): w for w, _ in variants.values()}.values():
-        w.ask({"clear": True})
+    try:
+        for _ in range(repeats):
+            for label, (process, overrides) in variants.items():
+                extra = overrides(case) if callable(overrides) else overrides
+                times[label].append(workers[process].ask({"spec": {**case, **extra}})["seconds"])
+    finally:
+        for w in workers.values():
+            w.close()
     return times
 
 
@@ -184,18 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--options", action="store_true", help="also time each option on this tree, and the bf16 error")
     p.add_argument("--json", type=Path)
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--heap-reuse", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.threads)
+        worker(args.worker, args.threads, args.heap_reuse)
         return 0
     sys.path.insert(0, str(ROOT))
+    from diffae_core.performance import PerformanceOptions
+
     with tempfile.TemporaryDirectory() as tmp:
-        base, new = Worker(extract(args.base, tmp), args.threads), Worker(ROOT, args.threads)
+        processes = {"base": (extract(args.base, tmp), False), "new": (ROOT, False),
+                     "tuned": (ROOT, PerformanceOptions.for_device("cpu").heap_reuse)}
         print(f"# compare_core: {args.base} vs this tree, {args.threads} thread(s), {args.repeats} rounds, "
               f"load average at start {os.getloadavg()}", flush=True)
-        report = run_all(args, base, new)
-        base.close()
-        new.close()
+        report = run_all(args, processes)
     report["load_average_end"] = os.getloadavg()
     if args.options:
         report["bf16_error"] = bf16_error(args.threads)
@@ -215,19 +230,24 @@ def defaults(case: dict) -> dict:
     return {"channels_last": options.channels_last, "fused": options.fused_optimizer}
 
 
-def run_all(args: argparse.Namespace, base: Worker, new: Worker) -> dict:
-    """The before/after tables (and with --options the per-option tables); prints each as it completes."""
+def run_all(args: argparse.Namespace, processes: dict[str, tuple[Path, bool]]) -> dict:
+    """The before/after tables (and with --options the per-option tables); prints each as it completes.
+
+    processes: "base" (the --base commit), "new" (this tree, a plain process), "tuned" (this tree with
+    the CPU's process-wide defaults)."""
     report: dict = {}
-    headline = {"before": (base, BEFORE), "after, same options": (new, BEFORE), "after, defaults": (new, defaults)}
+    headline = {"before": ("base", BEFORE), "after, same options": ("new", BEFORE),
+                "after, defaults": ("tuned", defaults)}
     groups = [("train", args.train, headline), ("recon", args.recon, headline)]
     if args.options:
-        groups += [("train", args.train[1:2], {k: (new, v) for k, v in TRAIN_OPTIONS.items()}),
-                   ("recon", args.recon[1:2], {k: (new, v) for k, v in RECON_OPTIONS.items()})]
+        train = {k: ("new", v) for k, v in TRAIN_OPTIONS.items()} | {"defaults (+ heap reuse)": ("tuned", defaults)}
+        recon = {k: ("new", v) for k, v in RECON_OPTIONS.items()} | {"defaults (+ heap reuse)": ("tuned", defaults)}
+        groups += [("train", args.train[1:2], train), ("recon", args.recon[1:2], recon)]
     for index, (kind, texts, variants) in enumerate(groups):
         if not texts:  # e.g. `--recon` with no cases: that table is skipped
             continue
         cases = [parse_case(kind, text) for text in texts]
-        results = [time_case(case, variants, args.repeats) for case in cases]
+        results = [time_case(case, variants, processes, args.threads, args.repeats) for case in cases]
         first = next(iter(variants))
         title = "20+20-step reconstruction" if kind == "recon" else "training step"
         print("\n" + table(title, cases, results, first), flush=True)
