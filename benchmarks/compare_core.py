@@ -40,6 +40,7 @@ TRAIN_OPTIONS = {  # label -> spec overrides, all on this tree
 RECON_OPTIONS = {
     "fp32 contiguous": {"channels_last": False},
     "fp32 channels_last": {"channels_last": True},
+    "fp32 channels_last, frozen": {"channels_last": True, "frozen": True},
     "bf16 contiguous": {"channels_last": False, "dtype": "bf16"},
     "bf16 channels_last": {"channels_last": True, "dtype": "bf16"},
     "fp32 channels_last, compile": {"channels_last": True, "compile": True},
@@ -58,7 +59,7 @@ def build(spec: dict) -> object:
         return make_step(spec["preset"], spec["batch"], device, spec.get("channels_last", False),
                          "fused" if spec.get("fused") else "foreach", spec.get("amp"), spec.get("compile", False))
     model = make_model(spec["preset"], device, spec.get("dtype", "fp32"), spec.get("channels_last", False),
-                       spec.get("compile", False))
+                       spec.get("compile", False), spec.get("frozen", False))
     return make_ops(model, spec["batch"], spec.get("steps", 20))["invert+decode"]
 
 
@@ -222,12 +223,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def defaults(case: dict) -> dict:
-    """This tree's diffae_core.performance defaults on the CPU for the case's preset, as spec overrides."""
+    """This tree's diffae_core.performance defaults on the CPU for the case's preset, as spec overrides;
+    a reconstruction's model is frozen, as a serving replica's."""
     from diffae_core.config import get_preset
     from diffae_core.performance import PerformanceOptions
 
     options = PerformanceOptions.for_device("cpu", get_preset(case["preset"]).image_size)
-    return {"channels_last": options.channels_last, "fused": options.fused_optimizer}
+    return {"channels_last": options.channels_last, "fused": options.fused_optimizer, "frozen": case["kind"] == "recon"}
 
 
 def run_all(args: argparse.Namespace, processes: dict[str, tuple[Path, bool]]) -> dict:
@@ -237,7 +239,7 @@ def run_all(args: argparse.Namespace, processes: dict[str, tuple[Path, bool]]) -
     the CPU's process-wide defaults)."""
     report: dict = {}
     headline = {"before": ("base", BEFORE), "after, same options": ("new", BEFORE),
-                "after, defaults": ("tuned", defaults)}
+                "after, defaults": ("tuned", defaults), "after, defaults but no heap reuse": ("new", defaults)}
     groups = [("train", args.train, headline), ("recon", args.recon, headline)]
     if args.options:
         train = {k: ("new", v) for k, v in TRAIN_OPTIONS.items()} | {"defaults (+ heap reuse)": ("tuned", defaults)}

@@ -25,14 +25,19 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_model(preset: str, device: torch.device, dtype: str = "fp32", channels_last: bool = False,
-               compile: bool = False) -> DiffAE:
+               compile: bool = False, frozen: bool = False) -> DiffAE:
     """A random-init ``preset`` in eval mode with the given inference dtype and speed options (plain torch
-    calls, so benchmarks/compare_core.py can use this against an older diffae_core)."""
+    calls, so benchmarks/compare_core.py can use this against an older diffae_core; ``frozen``, as a
+    serving replica's weights, needs this tree's)."""
     torch.manual_seed(0)
     model = DiffAE.from_preset(preset).to(device)
     model.inference_dtype = DTYPES[dtype]
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if frozen:
+        from diffae_core.performance import freeze
+
+        freeze(model)
     if compile:
         model.encoder.compile()
         model.unet.compile()
@@ -67,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     from diffae_core.performance import PerformanceOptions
 
     print(f"# sampling, {machine()}, dtype={args.dtype}, steps={args.steps}")
-    print("preset   batch  op              median_s  images/s  (diffae_core.performance defaults)")
+    print("preset   batch  op              median_s  images/s  (diffae_core.performance defaults, frozen)")
     for preset in args.presets:
         options = PerformanceOptions.for_device(device, get_preset(preset).image_size)
-        model = make_model(preset, device, args.dtype, options.channels_last, options.compile)
+        model = make_model(preset, device, args.dtype, options.channels_last, options.compile, frozen=True)
         for batch in args.batch_sizes or DEFAULT_BATCHES.get(preset, (1, 8)):
             for name, fn in make_ops(model, batch, args.steps).items():
                 t = median(time_calls(fn, device, repeats=args.repeats))

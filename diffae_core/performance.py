@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .nn import Conv2d
+
 OPTION_NAMES = ("channels_last", "tf32", "fused_optimizer", "compile", "heap_reuse")
 
 # glibc's mallopt parameters (malloc.h) and the values reuse_heap sets
@@ -118,6 +120,21 @@ def apply(model: nn.Module, options: PerformanceOptions) -> nn.Module:
         for child in model.children():
             if any(True for _ in child.parameters()):
                 child.compile()
+    return model
+
+
+def freeze(model: nn.Module, frozen: bool = True) -> nn.Module:
+    """Mark ``model``'s convolutions as frozen (their weights will not change: a serving replica), in place.
+
+    Frozen :class:`diffae_core.nn.Conv2d` layers keep their weight in oneDNN's layout for channels_last CPU
+    inference (1.06x a tiny32 b8 and 1.10x a b1 20+20-step reconstruction, measured interleaved), at the
+    cost of a second copy of the convolution weights. Unfreeze (``frozen=False``) before changing weights
+    through ``.data``; in-place updates and ``load_state_dict`` are noticed either way.
+    """
+    for module in model.modules():
+        if isinstance(module, Conv2d):
+            module.frozen = frozen
+            module.__dict__.pop("_prepacked", None)
     return model
 
 

@@ -7,7 +7,8 @@ replica's event loop keeps collecting the next batch and answering health checks
 Every batched call returns ``(result, batch_size)`` so callers can see how their request was batched.
 Each replica computes on the device Ray gives it (a GPU when its deployment asks for ``num_gpus``; on a
 machine without CUDA it says so in its log and uses the CPU) in its deployment's inference dtype, with
-diffae_core.performance's speed defaults for that device (no compile: a replica must answer at once).
+diffae_core.performance's speed defaults for that device (no compile: a replica must answer at once) and
+frozen weights.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ray import serve
 
 from diffae_core import DiffAE
 from diffae_core.bundle import CLASSIFIER, LATENT, read_manifest
-from diffae_core.performance import PerformanceOptions, apply
+from diffae_core.performance import PerformanceOptions, apply, freeze
 
 from .batching import DECODER_OPS, DecoderJob, group_indices, run_padded, stack
 from .metrics import ModelMetrics
@@ -67,7 +68,8 @@ class _Replica:
         self.dtype_name = replica["dtype"]
         model = DiffAE.load(bundle, device=self.device, endpoint=s3_endpoint, parts=parts)
         model.inference_dtype = DTYPES[replica["dtype"]]
-        return apply(model, PerformanceOptions.for_device(self.device, model.image_size).replace(compile=False))
+        # a replica's weights never change: frozen convolutions keep them in oneDNN's layout on the CPU
+        return freeze(apply(model, PerformanceOptions.for_device(self.device, model.image_size).replace(compile=False)))
 
     def replica_actor_name(self) -> str:
         """Identity of the replica a call landed on: operators (and the failure tests) use it to find the actor."""

@@ -198,3 +198,41 @@ def test_reuse_heap_keeps_freed_feature_maps_from_faulting_again():
     before, after, ok = out.stdout.split()
     assert ok == "True"
     assert int(before) >= 1000 and int(after) < int(before) / 20, out.stdout
+
+
+def test_frozen_convolutions_prepack_weights_and_follow_weight_changes():
+    """freeze(): channels_last inference convolves with the weight prepacked for oneDNN, gives the
+    unfrozen model's outputs, deep-copies, and notices new weights (load_state_dict, in-place updates)."""
+    import copy
+
+    from diffae_core.nn import PREPACKED
+    from diffae_core.performance import freeze
+
+    if not PREPACKED:
+        import pytest
+
+        pytest.skip("this torch has no oneDNN prepacked convolution")
+    torch.manual_seed(0)
+    model = apply(DiffAE.from_preset("tiny32").eval(), PerformanceOptions(channels_last=True))
+    other = apply(DiffAE.from_preset("tiny32").eval(), PerformanceOptions(channels_last=True))
+    for p in other.parameters():  # non-zero everywhere, so every conv's weights matter
+        p.data.normal_(0, 0.05)
+    x, x_T = torch.rand(1, 3, 32, 32) * 2 - 1, torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        z, want = model.encode(x), model.decode(x_T, model.encode(x), steps=2)
+        other_z = other.encode(x)
+        freeze(model)
+        ops = _profiled_ops(lambda: model.encode(x))
+        assert "mkldnn::_convolution_pointwise" in ops, ops
+        torch.testing.assert_close(model.encode(x), z, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.decode(x_T, z, steps=2), want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(copy.deepcopy(model).encode(x), z, atol=1e-5, rtol=1e-5)
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(model.encode(x), other_z, atol=1e-5, rtol=1e-5)
+        for p in model.parameters():
+            p.mul_(0.5)
+        for p in other.parameters():
+            p.mul_(0.5)
+        torch.testing.assert_close(model.encode(x), other.encode(x), atol=1e-5, rtol=1e-5)
+        freeze(model, frozen=False)
+        assert "mkldnn::_convolution_pointwise" not in _profiled_ops(lambda: model.encode(x))
