@@ -84,7 +84,7 @@ def worker(code_root: str, threads: int, heap_reuse: bool) -> None:
         key = json.dumps(request["spec"], sort_keys=True)
         if key not in cases:
             cases[key] = build(request["spec"])
-            for _ in range(2 if request["spec"].get("compile") else 1):  # compile pays on the first calls
+            for _ in range(3 if request["spec"].get("compile") else 2):  # warm-up (compile pays on the first calls)
                 cases[key]()
         start = time.perf_counter()
         cases[key]()

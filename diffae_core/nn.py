@@ -123,11 +123,14 @@ class Dropout(nn.Dropout):
     integer per element (``random_`` on an int64 buffer, so still torch's generator and
     ``torch.manual_seed``): an element is kept when its integer is at least ``round(p * 2**32)`` above
     the minimum, i.e. with probability 1 - p to within 2**-33, and kept elements are scaled by 1/(1 - p)
-    like ``F.dropout``. Other devices, eval mode and p in {0, 1} use ``F.dropout``.
+    like ``F.dropout``. Eval mode and p = 0 return x itself, as ``F.dropout`` does (without its call);
+    other devices and p = 1 use ``F.dropout``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or x.device.type != "cpu" or not 0.0 < self.p < 1.0:
+        if not self.training or self.p == 0.0:
+            return x  # what F.dropout returns here, without its call
+        if x.device.type != "cpu" or self.p >= 1.0:
             return super().forward(x)
         return x * dropout_mask(x, self.p)
 

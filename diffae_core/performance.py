@@ -59,8 +59,8 @@ class PerformanceOptions:
         # at 32 px channels_last was 1.01-1.04x the NCHW training step and 1.01x (b1) to 1.28x (b8) the NCHW
         # reconstruction. Fused Adam was within noise of foreach (~3% of a step; one pass per tensor).
         # compile: 8 minutes of compiling, then 0.88x (training) and 0.90x (tiny32 b8 reconstruction).
-        # heap_reuse: 1.17x the tiny32 b16 step and 1.19x the b8 reconstruction (128k page faults per
-        # reconstruction without it, 341 with it).
+        # heap_reuse: 1.18x the tiny32 b8 reconstruction (page faults: 272k per reconstruction without
+        # it, none with it), within noise for the b1 reconstruction and the training steps (1.01-1.04x).
         big = image_size is None or image_size >= 32
         return cls(channels_last=big, tf32=False, fused_optimizer=True, compile=False, heap_reuse=True)
 
@@ -136,6 +136,12 @@ def freeze(model: nn.Module, frozen: bool = True) -> nn.Module:
             module.frozen = frozen
             module.__dict__.pop("_prepacked", None)
     return model
+
+
+def tune_for_inference(model: nn.Module, device: torch.device | str, image_size: int | None) -> nn.Module:
+    """A model that only answers queries from now on (a serving replica, a batch-inference actor): the
+    device's defaults without compile (it would stall the first calls for minutes), then :func:`freeze`."""
+    return freeze(apply(model, PerformanceOptions.for_device(device, image_size).replace(compile=False)))
 
 
 def optimizer_kwargs(options: PerformanceOptions) -> dict[str, Any]:

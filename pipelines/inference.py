@@ -11,6 +11,7 @@ import ray
 import torch
 
 from diffae_core import DiffAE
+from diffae_core.performance import tune_for_inference
 
 from . import cluster
 from .data import CROPS, SPLITS, ImageData, open_images, source_uri
@@ -69,6 +70,7 @@ class BundleActor:
         self.device = cluster.inference_device(num_gpus)
         self.model = DiffAE.load(bundle, device=self.device, endpoint=endpoint, parts=parts)
         self.model.inference_dtype = cluster.PRECISIONS[precision]
+        tune_for_inference(self.model, self.device, self.model.image_size)
 
     @staticmethod
     def images(batch: dict[str, Any], device: torch.device) -> torch.Tensor:

@@ -26,7 +26,7 @@ from ray import serve
 
 from diffae_core import DiffAE
 from diffae_core.bundle import CLASSIFIER, LATENT, read_manifest
-from diffae_core.performance import PerformanceOptions, apply, freeze
+from diffae_core.performance import tune_for_inference
 
 from .batching import DECODER_OPS, DecoderJob, group_indices, run_padded, stack
 from .metrics import ModelMetrics
@@ -68,8 +68,7 @@ class _Replica:
         self.dtype_name = replica["dtype"]
         model = DiffAE.load(bundle, device=self.device, endpoint=s3_endpoint, parts=parts)
         model.inference_dtype = DTYPES[replica["dtype"]]
-        # a replica's weights never change: frozen convolutions keep them in oneDNN's layout on the CPU
-        return freeze(apply(model, PerformanceOptions.for_device(self.device, model.image_size).replace(compile=False)))
+        return tune_for_inference(model, self.device, model.image_size)
 
     def replica_actor_name(self) -> str:
         """Identity of the replica a call landed on: operators (and the failure tests) use it to find the actor."""

@@ -201,12 +201,12 @@ def test_reuse_heap_keeps_freed_feature_maps_from_faulting_again():
 
 
 def test_frozen_convolutions_prepack_weights_and_follow_weight_changes():
-    """freeze(): channels_last inference convolves with the weight prepacked for oneDNN, gives the
+    """tune_for_inference / freeze(): channels_last inference convolves with the weight prepacked for oneDNN, gives the
     unfrozen model's outputs, deep-copies, and notices new weights (load_state_dict, in-place updates)."""
     import copy
 
-    from diffae_core.nn import PREPACKED
-    from diffae_core.performance import freeze
+    from diffae_core.nn import PREPACKED, Conv2d
+    from diffae_core.performance import freeze, tune_for_inference
 
     if not PREPACKED:
         import pytest
@@ -221,7 +221,8 @@ def test_frozen_convolutions_prepack_weights_and_follow_weight_changes():
     with torch.no_grad():
         z, want = model.encode(x), model.decode(x_T, model.encode(x), steps=2)
         other_z = other.encode(x)
-        freeze(model)
+        tune_for_inference(model, "cpu", 32)  # channels_last (already) and frozen
+        assert all(m.frozen for m in model.modules() if isinstance(m, Conv2d))
         ops = _profiled_ops(lambda: model.encode(x))
         assert "mkldnn::_convolution_pointwise" in ops, ops
         torch.testing.assert_close(model.encode(x), z, atol=1e-5, rtol=1e-5)
