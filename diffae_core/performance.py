@@ -59,8 +59,8 @@ class PerformanceOptions:
         # at 32 px channels_last was 1.01-1.04x the NCHW training step and 1.01x (b1) to 1.28x (b8) the NCHW
         # reconstruction. Fused Adam was within noise of foreach (~3% of a step; one pass per tensor).
         # compile: 8 minutes of compiling, then 0.88x (training) and 0.90x (tiny32 b8 reconstruction).
-        # heap_reuse: 1.18x the tiny32 b8 reconstruction (page faults: 272k per reconstruction without
-        # it, none with it), within noise for the b1 reconstruction and the training steps (1.01-1.04x).
+        # heap_reuse: 1.09-1.18x the tiny32 b8 reconstruction (page faults: 272k per reconstruction
+        # without it, none with it), 1.01-1.05x the training steps, no change at b1 (smaller maps).
         big = image_size is None or image_size >= 32
         return cls(channels_last=big, tf32=False, fused_optimizer=True, compile=False, heap_reuse=True)
 
