@@ -163,8 +163,8 @@ class Conv2d(nn.Conv2d):
     ATen picks oneDNN for most channels_last CPU maps but sends two kinds to its im2col + GEMM path at
     one thread: 1x1 kernels below batch 16, and batch-1 maps under 20480 elements. There oneDNN is about
     2x faster here (a [8, 64, 32, 32] 1x1 conv: 0.18 vs 0.38 ms; [1, 64, 16, 16] 3x3: 0.13 vs 0.23 ms),
-    with the same weights and a different summation order only. Anything else, and maps under autograd,
-    take ``nn.Conv2d``'s own path. The parameters are nn.Conv2d's, so state_dict keys do not change.
+    with the same weights and a different summation order only. Anything else, maps under autograd and
+    calls under CPU autocast (bf16 inference) take ``nn.Conv2d``'s own path. The parameters are nn.Conv2d's, so state_dict keys do not change.
 
     ``frozen`` (set by :func:`diffae_core.performance.freeze` for models whose weights no longer change,
     as a serving replica's): oneDNN also gets the weight already reordered into its blocked layout, once
@@ -176,7 +176,8 @@ class Conv2d(nn.Conv2d):
     frozen = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (ONEDNN and nhwc_inference(x) and self.padding_mode == "zeros" and not isinstance(self.padding, str)):
+        if not (ONEDNN and nhwc_inference(x) and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and not torch.is_autocast_enabled("cpu")):  # autocast casts for aten::conv2d, not for these ops
             return super().forward(x)
         if self.frozen and PREPACKED:
             return torch.ops.mkldnn._convolution_pointwise(x, self._prepacked_weight(x), self.bias, self.padding,

@@ -143,7 +143,8 @@ def _profiled_ops(fn) -> set[str]:
 
 def test_conv2d_takes_onednn_for_channels_last_inference_and_matches_aten():
     """The shapes ATen sends to its im2col path at one thread (1x1 below batch 16, small batch-1 maps) go
-    to oneDNN under no_grad, within fp32 summation-order rounding; under autograd nn.Conv2d's own path."""
+    to oneDNN under no_grad, within fp32 summation-order rounding; under autograd and under bf16 autocast
+    nn.Conv2d's own path."""
     from diffae_core.nn import Conv2d
 
     torch.manual_seed(0)
@@ -160,6 +161,8 @@ def test_conv2d_takes_onednn_for_channels_last_inference_and_matches_aten():
             assert "aten::mkldnn_convolution" in ops and "aten::_slow_conv2d_forward" not in ops, ops
             assert got.is_contiguous(memory_format=torch.channels_last)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                assert conv(x).dtype == torch.bfloat16  # bf16 inference: autocast still casts the convolution
             x.requires_grad_()
             assert "aten::_slow_conv2d_forward" in _profiled_ops(lambda c=conv, x=x: c(x))  # ATen's own choice
     finally:
