@@ -8,9 +8,9 @@ b1 reconstruction after training cases took 0.78 s against 0.60 s in a fresh one
 ``--base`` commit's diffae_core (extracted with ``git archive``) and two this tree's (one as the base
 ran, one with this tree's process-wide CPU defaults, i.e. glibc heap reuse). Each builds the case once
 and then times one call per request. The parent asks them in turn, one call of every variant per
-round, so all versions see the same machine drift; it prints medians and ratios as markdown. The step and the reconstruction are
-benchmarks/train_step.py's ``make_step`` and benchmarks/sampling.py's ``make_ops`` from THIS tree in
-both workers. ``--options`` adds per-option rows (this tree only) and the bf16-vs-fp32 error of the
+round, so all versions see the same machine drift; it prints medians and ratios as markdown. The step
+and the reconstruction are benchmarks/train_step.py's ``make_step`` and benchmarks/sampling.py's
+``make_ops`` from THIS tree in every worker. ``--options`` adds per-option rows (this tree only) and the bf16-vs-fp32 error of the
 shipped demo model's reconstruction.
 """
 
