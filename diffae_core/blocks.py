@@ -17,7 +17,7 @@ from .nn import (
     Dropout,
     Upsample,
     modulated_group_norm,
-    nhwc_inference,
+    nhwc_float32_cpu,
     normalization,
     zero_module,
 )
@@ -133,10 +133,11 @@ class AttentionBlock(nn.Module):
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, H, W] -> x + attention; a channels_last CPU map stays position-major throughout
-        (its [B, H*W, C] view is free), anything else goes through the [B, C, L] reshape."""
+        """x: [B, C, H, W] -> x + attention; a channels_last float32 CPU map stays position-major
+        throughout (its [B, H*W, C] view is free; reshaping it to [B, C, L] would copy it), in inference
+        and in training; anything else goes through the [B, C, L] reshape."""
         b, c, *spatial = x.shape
-        if nhwc_inference(x):
+        if nhwc_float32_cpu(x):
             rows = x.permute(0, 2, 3, 1).reshape(b, -1, c)  # [B, L, C], a view
             normed = self.norm(x).permute(0, 2, 3, 1).reshape(b, -1, c)  # channels_last too: a view
             out = rows + self.attend_positions(normed)

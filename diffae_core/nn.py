@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -28,26 +29,39 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and cast back, so reduced-precision runs keep stable statistics.
 
-    The channels_last CPU inference maps where ATen's NHWC GroupNorm kernel is slow (:func:`uses_rows`) go
-    through :func:`group_norm_rows`; anything else through ``F.group_norm``.
+    channels_last CPU maps where ATen's NHWC GroupNorm kernels are slow go through
+    :func:`group_norm_nhwc`: inference maps of :func:`uses_rows`, and every training map
+    (:func:`trains_nhwc`); anything else through ``F.group_norm``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        if uses_rows(xf):
+        if uses_rows(xf) or trains_nhwc(xf):
             b, c = x.shape[:2]
             return group_norm_nhwc(xf, self.num_groups, self.weight.expand(b, c), self.bias.expand(b, c),
                                    self.eps).to(x.dtype)
         return F.group_norm(xf, self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
 
 
+def nhwc_float32_cpu(x: torch.Tensor) -> bool:
+    """A float32 CPU [B, C, H, W] stored channels_last (and not also NCHW-contiguous, as 1x1 maps are)."""
+    return (x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
+            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+
+
 def nhwc_inference(x: torch.Tensor) -> bool:
     """Whether x is a float32 CPU [B, C, H, W] stored channels_last (and not also NCHW-contiguous, as
     1x1 maps are) outside autograd: such maps take the position-major attention and oneDNN for every
     convolution (:class:`Conv2d`)."""
-    return (x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
-            and not (x.requires_grad and torch.is_grad_enabled())
-            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+    return nhwc_float32_cpu(x) and not (x.requires_grad and torch.is_grad_enabled())
+
+
+def trains_nhwc(x: torch.Tensor) -> bool:
+    """Whether x is a float32 CPU channels_last [B, C, H, W] that autograd records: its GroupNorm runs as
+    :class:`GroupNormNHWC`, whose backward is 2-3x faster than ATen's channels_last one at one thread
+    (GroupNorm + AdaGN forward and backward, [16, 32, 32, 32]: 2.3 vs 6.1 ms; [4, 64, 64, 64]: 3.9 vs 11.6
+    ms; benchmarks/RESULTS.md)."""
+    return nhwc_float32_cpu(x) and x.requires_grad and torch.is_grad_enabled()
 
 
 def uses_rows(x: torch.Tensor) -> bool:
@@ -55,18 +69,35 @@ def uses_rows(x: torch.Tensor) -> bool:
     map of at least 2 examples and at most 16x16 positions. Measured at one thread (benchmarks/RESULTS.md),
     ATen's channels_last GroupNorm (+ the AdaGN addcmul) is 1.1-3x slower than it there ([8, 64, 16, 16]:
     0.21 vs 0.08 ms), but faster at 32x32 ([8, 64, 32, 32]: 0.18 vs 0.23 ms) and for single images, where
-    the rows path's ~20 small ops cost more than they save. In training its backward was no faster than
-    ATen's (ffhq64 b4 step 3.08 vs 2.97 s), so training keeps ATen's kernels."""
-    return nhwc_inference(x) and x.shape[0] > 1 and x.shape[2] * x.shape[3] <= 256
+    the rows path's ~20 small ops cost more than they save."""
+    return nhwc_inference(x) and x.shape[0] > 1 and x.shape[2] * x.shape[3] <= ROWS_MAX_POSITIONS
+
+
+ROWS_MAX_POSITIONS = 256  # up to here (16x16) the rows statistics beat ATen's channels_last kernel
 
 
 def group_norm_nhwc(x: torch.Tensor, groups: int, scale: torch.Tensor, shift: torch.Tensor,
                     eps: float) -> torch.Tensor:
-    """:func:`group_norm_rows` of a channels_last x [B, C, H, W]; returns channels_last [B, C, H, W].
+    """GroupNorm of a channels_last x [B, C, H, W], then ``* scale + shift`` per (example, channel);
+    returns channels_last [B, C, H, W]. scale, shift: [B, C].
 
-    The [B, H*W, C] row view of a channels_last map is free (it is its memory order)."""
+    Under autograd this is :class:`GroupNormNHWC` (a hand-written backward); otherwise
+    :func:`group_norm_rows` over the [B, H*W, C] row view, which is free (it is the map's memory order).
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, shift)):
+        return GroupNormNHWC.apply(x, groups, scale, shift, eps)
+    return _from_rows(group_norm_rows(_rows(x), groups, scale, shift, eps), x.shape)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """The [B, H*W, C] view of a channels_last [B, C, H, W] map."""
     b, c, h, w = x.shape
-    rows = group_norm_rows(x.permute(0, 2, 3, 1).reshape(b, h * w, c), groups, scale, shift, eps)
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+
+def _from_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """rows [B, H*W, C] back to the channels_last [B, C, H, W] of ``shape``, a view."""
+    b, c, h, w = shape
     return rows.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
@@ -79,19 +110,77 @@ def group_norm_rows(x: torch.Tensor, groups: int, scale: torch.Tensor, shift: to
     over the map runs along C, the unit-stride dim, so it vectorises where ATen's channels_last kernel
     does not. Plain differentiable ops: autograd derives the backward.
     """
+    centred, rstd = _centred_rows(x, groups, eps)
+    return torch.addcmul(shift[:, None, :], centred, _per_channel(rstd, x.shape[2]) * scale[:, None, :])
+
+
+def _centred_rows(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, N, C] minus its group means, and the groups' 1 / sqrt(biased variance + eps) [B, G, 1]."""
     b, n, c = x.shape
     count = n * (c // groups)
     mean = x.sum(1).view(b, groups, -1).sum(-1, keepdim=True) / count  # [B, G, 1]
     centred = x - _per_channel(mean, c)
     var = (centred * centred).sum(1).view(b, groups, -1).sum(-1, keepdim=True) / count
-    rstd = _per_channel(torch.rsqrt(var + eps), c)  # [B, 1, C]
-    return torch.addcmul(shift[:, None, :], centred, rstd * scale[:, None, :])
+    return centred, torch.rsqrt(var + eps)
 
 
 def _per_channel(group_values: torch.Tensor, channels: int) -> torch.Tensor:
     """[B, G, 1] per-group values repeated over each group's channels: [B, 1, C]."""
     b, g, _ = group_values.shape
     return group_values.expand(b, g, channels // g).reshape(b, 1, channels)
+
+
+class GroupNormNHWC(torch.autograd.Function):
+    """:func:`group_norm_nhwc` under autograd: x [B, C, H, W] channels_last, groups, scale and shift [B, C],
+    eps -> channels_last [B, C, H, W], with the backward written out.
+
+    ATen's channels_last GroupNorm backward is the slow part of a channels_last CPU training step (3.7 vs
+    0.56 ms for its NCHW kernel at [16, 32, 32, 32], one thread). The backward here is a handful of
+    vectorised passes over the [B, H*W, C] rows, and it needs no pass of its own for GroupNorm's two
+    per-group sums: with n the normalised map, g the output gradient and dn = g * scale,
+
+        d_shift = sum_hw g,  d_scale = sum_hw g * n,  dx = rstd * (dn - mean_group(dn) - n * mean_group(dn * n))
+
+    and the group means of dn and dn * n are the group sums of scale * d_shift and scale * d_scale.
+    Forward statistics: the rows' two passes up to 16x16 positions, ATen's kernel (fast there) above.
+    Only one map is saved (n, or x - mean), where autograd through ATen's ops saves two.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, groups: int, scale: torch.Tensor, shift: torch.Tensor,  # type: ignore[override]
+                eps: float) -> torch.Tensor:
+        b, c, h, w = x.shape
+        if h * w <= ROWS_MAX_POSITIONS:
+            base, rstd = _centred_rows(_rows(x), groups, eps)  # n = base * rstd
+            factor: torch.Tensor | None = _per_channel(rstd, c)
+        else:
+            normed, _, rstd = torch.native_group_norm(x, None, None, b, c, h * w, groups, eps)
+            base, factor, rstd = _rows(normed), None, rstd.view(b, groups, 1)  # n = base
+        multiplier = scale[:, None, :] if factor is None else factor * scale[:, None, :]
+        out = torch.addcmul(shift[:, None, :], base, multiplier)
+        ctx.groups, ctx.shape = groups, x.shape
+        ctx.save_for_backward(base, factor, rstd, scale)
+        return _from_rows(out, x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        base, factor, rstd, scale = ctx.saved_tensors
+        b, n_pos, c = base.shape
+        groups = ctx.groups
+        g = _rows(grad.contiguous(memory_format=torch.channels_last))
+        d_shift = g.sum(1)  # [B, C]
+        d_scale = (g * base).sum(1)  # sum_hw g * n, up to the per-channel factor
+        if factor is not None:
+            d_scale = d_scale * factor[:, 0]
+        sums = torch.stack([scale * d_shift, scale * d_scale]).view(2, b, groups, -1).sum(-1, keepdim=True)
+        coefficients = -rstd * sums / (n_pos * (c // groups))  # [2, B, G, 1]: -rstd * group means
+        const, along_n = _per_channel(coefficients[0], c), _per_channel(coefficients[1], c)
+        if factor is not None:
+            along_n = along_n * factor
+        dx = torch.addcmul(const, base, along_n)
+        dx.addcmul_(g, _per_channel(rstd, c) * scale[:, None, :])
+        return _from_rows(dx, ctx.shape), None, d_scale, d_shift, None
 
 
 def modulated_group_norm(
@@ -101,10 +190,11 @@ def modulated_group_norm(
 
     x: [B, C, H, W]; scale, shift: [B, C, 1, 1]. The norm's own affine (weight, bias) is folded into the
     per-(example, channel) scale and shift, so the feature map is normalised without affine and then
-    touched once (``addcmul``) instead of three times. channels_last CPU maps take :func:`group_norm_nhwc`.
+    touched once (``addcmul``) instead of three times. channels_last CPU maps take :func:`group_norm_nhwc`
+    where :class:`GroupNorm32` does.
     """
     xf = x.float()
-    if uses_rows(xf):
+    if uses_rows(xf) or trains_nhwc(xf):
         b, c = x.shape[:2]
         scale, shift = scale.expand(b, c, 1, 1).reshape(b, c), shift.expand(b, c, 1, 1).reshape(b, c)
         return group_norm_nhwc(xf, norm.num_groups, norm.weight.float() * scale,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import torch
@@ -106,7 +107,8 @@ def test_position_major_group_norm_matches_aten_forward_and_backward():
 
 def test_channels_last_inference_takes_the_rows_path_and_matches_nchw():
     """Under no_grad a channels_last tiny32 encodes and decodes through group_norm_rows and the
-    position-major attention, within fp32 rounding of the NCHW model; with autograd it keeps ATen's."""
+    position-major attention, within fp32 rounding of the NCHW model; training does not (its GroupNorm is
+    GroupNormNHWC, tested below)."""
     from diffae_core import nn as core_nn
 
     torch.manual_seed(0)
@@ -131,6 +133,54 @@ def test_channels_last_inference_takes_the_rows_path_and_matches_nchw():
     assert inference_calls > 0 and len(calls) == inference_calls
     torch.testing.assert_close(got_z, z, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_training_group_norm_nhwc_backward_matches_aten_and_gradcheck():
+    """group_norm_nhwc under autograd (GroupNormNHWC, the hand-written backward) against F.group_norm with
+    a per-example affine: values and gradients, both forward branches (rows statistics up to 16x16
+    positions, ATen's above), 1 to 4 channels per group, and gradcheck in float64."""
+    torch.manual_seed(0)
+    for b, c, groups, h, w in ((3, 32, 32, 5, 6), (2, 16, 4, 5, 6), (2, 16, 4, 17, 17), (2, 8, 8, 16, 17)):
+        x = (torch.randn(b, c, h, w, dtype=torch.float64) * 3 + 2).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        scale = torch.randn(b, c, dtype=torch.float64, requires_grad=True)
+        shift = torch.randn(b, c, dtype=torch.float64, requires_grad=True)
+        got = group_norm_nhwc(x, groups, scale, shift, 1e-5)
+        assert type(got.grad_fn).__name__ == "GroupNormNHWCBackward"
+        want = torch.nn.functional.group_norm(x, groups, eps=1e-5) * scale[..., None, None] + shift[..., None, None]
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+        grad = torch.randn_like(want)
+        got_grads = torch.autograd.grad(got, (x, scale, shift), grad)
+        want_grads = torch.autograd.grad(want, (x, scale, shift), grad)
+        for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(got_grad, want_grad, atol=1e-10, rtol=1e-10)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert got_grads[0].is_contiguous(memory_format=torch.channels_last)
+        assert torch.autograd.gradcheck(lambda x, s, t, g=groups: group_norm_nhwc(x, g, s, t, 1e-5), (x, scale, shift))
+
+
+def test_channels_last_training_takes_group_norm_nhwc_and_matches_nchw_gradients():
+    """A channels_last tiny32's training loss backpropagates through GroupNormNHWC instead of ATen's
+    GroupNorm backward, with the NCHW model's loss and gradients (fp32 rounding)."""
+    torch.manual_seed(0)
+    nchw = DiffAE.from_preset("tiny32").eval()  # eval: no dropout, whose mask follows the memory order
+    for p in nchw.parameters():  # zero-initialised convs would give the decoder's inner layers no gradient
+        p.data.add_(torch.randn_like(p) * 0.02)
+    nhwc = apply(copy.deepcopy(nchw), PerformanceOptions(channels_last=True))
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    losses = {}
+    for name, model in (("nchw", nchw), ("nhwc", nhwc)):
+        torch.manual_seed(1)
+        loss = model.training_loss(x)  # NCHW for both: the noise follows x's memory order
+        ops = _profiled_ops(loss.backward)
+        losses[name] = loss.item()
+        if name == "nhwc":
+            assert "GroupNormNHWCBackward" in ops and "aten::native_group_norm_backward" not in ops
+        else:
+            assert "aten::native_group_norm_backward" in ops
+    assert abs(losses["nchw"] - losses["nhwc"]) < 1e-5 * max(1.0, losses["nchw"])
+    for (name, want), got in zip(nchw.named_parameters(), nhwc.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, atol=2e-5, rtol=1e-3, msg=name)
 
 
 def _profiled_ops(fn) -> set[str]:
