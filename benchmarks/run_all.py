@@ -38,6 +38,8 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
                    "one training step (encoder + UNet forward/backward, Adam, EMA), images/s"),
     "sampling": (["benchmarks/sampling.py", "--presets", "tiny32", "--batch-sizes", "1", "8", "--threads", "2"],
                  "semantic encoding and 20-step DDIM inversion + decoding, images/s"),
+    "group_norm": (["benchmarks/group_norm.py", "--threads", "1"],
+                   "channels_last GroupNorm + AdaGN forward + backward, ATen vs GroupNormNHWC, ms per call"),
     "ingest": (["benchmarks/ingest.py", "--images", "2000", "--image-size", "32"],
                "images/s the Ray Data pipeline delivers vs what a training step consumes"),
     "train_throughput": (["benchmarks/train_throughput.py", "--workers", "1", "2"],

@@ -58,9 +58,9 @@ def nhwc_inference(x: torch.Tensor) -> bool:
 
 def trains_nhwc(x: torch.Tensor) -> bool:
     """Whether x is a float32 CPU channels_last [B, C, H, W] that autograd records: its GroupNorm runs as
-    :class:`GroupNormNHWC`, whose backward is 2-3x faster than ATen's channels_last one at one thread
-    (GroupNorm + AdaGN forward and backward, [16, 32, 32, 32]: 2.3 vs 6.1 ms; [4, 64, 64, 64]: 3.9 vs 11.6
-    ms; benchmarks/RESULTS.md)."""
+    :class:`GroupNormNHWC`. With it, GroupNorm + AdaGN forward and backward run 1.4-3.4x faster than
+    through ATen's channels_last kernels at one thread ([16, 32, 32, 32]: 2.14 vs 7.16 ms;
+    benchmarks/group_norm.py, benchmarks/RESULTS.md)."""
     return nhwc_float32_cpu(x) and x.requires_grad and torch.is_grad_enabled()
 
 
