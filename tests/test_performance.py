@@ -138,7 +138,7 @@ def test_channels_last_inference_takes_the_rows_path_and_matches_nchw():
 def test_training_group_norm_nhwc_backward_matches_aten_and_gradcheck():
     """group_norm_nhwc under autograd (GroupNormNHWC, the hand-written backward) against F.group_norm with
     a per-example affine: values and gradients, both forward branches (rows statistics up to 16x16
-    positions, ATen's above), 1 to 4 channels per group, and gradcheck in float64."""
+    positions, ATen's above), 1 to 4 channels per group, and gradcheck (fast mode) in float64."""
     torch.manual_seed(0)
     for b, c, groups, h, w in ((3, 32, 32, 5, 6), (2, 16, 4, 5, 6), (2, 16, 4, 17, 17), (2, 8, 8, 16, 17)):
         x = (torch.randn(b, c, h, w, dtype=torch.float64) * 3 + 2).contiguous(memory_format=torch.channels_last)
@@ -156,7 +156,9 @@ def test_training_group_norm_nhwc_backward_matches_aten_and_gradcheck():
             torch.testing.assert_close(got_grad, want_grad, atol=1e-10, rtol=1e-10)
         assert got.is_contiguous(memory_format=torch.channels_last)
         assert got_grads[0].is_contiguous(memory_format=torch.channels_last)
-        assert torch.autograd.gradcheck(lambda x, s, t, g=groups: group_norm_nhwc(x, g, s, t, 1e-5), (x, scale, shift))
+        # fast_mode: random projections of the Jacobian (full gradcheck of the 17x17 maps takes ~30 s)
+        assert torch.autograd.gradcheck(lambda x, s, t, g=groups: group_norm_nhwc(x, g, s, t, 1e-5), (x, scale, shift),
+                                        fast_mode=True)
 
 
 def test_channels_last_training_takes_group_norm_nhwc_and_matches_nchw_gradients():
