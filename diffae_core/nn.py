@@ -29,14 +29,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and cast back, so reduced-precision runs keep stable statistics.
 
-    channels_last CPU maps where ATen's NHWC GroupNorm kernels are slow go through
-    :func:`group_norm_nhwc`: inference maps of :func:`uses_rows`, and every training map
-    (:func:`trains_nhwc`); anything else through ``F.group_norm``.
+    channels_last CPU maps where ATen's NHWC GroupNorm kernels are slow (:func:`takes_group_norm_nhwc`) go
+    through :func:`group_norm_nhwc`; anything else through ``F.group_norm``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        if uses_rows(xf) or trains_nhwc(xf):
+        if takes_group_norm_nhwc(xf):
             b, c = x.shape[:2]
             return group_norm_nhwc(xf, self.num_groups, self.weight.expand(b, c), self.bias.expand(b, c),
                                    self.eps).to(x.dtype)
@@ -50,8 +49,7 @@ def nhwc_float32_cpu(x: torch.Tensor) -> bool:
 
 
 def nhwc_inference(x: torch.Tensor) -> bool:
-    """Whether x is a float32 CPU [B, C, H, W] stored channels_last (and not also NCHW-contiguous, as
-    1x1 maps are) outside autograd: such maps take the position-major attention and oneDNN for every
+    """Whether x is a :func:`nhwc_float32_cpu` map outside autograd: such maps take oneDNN for every
     convolution (:class:`Conv2d`)."""
     return nhwc_float32_cpu(x) and not (x.requires_grad and torch.is_grad_enabled())
 
@@ -74,6 +72,12 @@ def uses_rows(x: torch.Tensor) -> bool:
 
 
 ROWS_MAX_POSITIONS = 256  # up to here (16x16) the rows statistics beat ATen's channels_last kernel
+
+
+def takes_group_norm_nhwc(x: torch.Tensor) -> bool:
+    """Whether GroupNorm32 and :func:`modulated_group_norm` send x to :func:`group_norm_nhwc`: an inference map
+    of :func:`uses_rows`, or any training map (:func:`trains_nhwc`)."""
+    return uses_rows(x) or trains_nhwc(x)
 
 
 def group_norm_nhwc(x: torch.Tensor, groups: int, scale: torch.Tensor, shift: torch.Tensor,
@@ -178,8 +182,9 @@ class GroupNormNHWC(torch.autograd.Function):
         const, along_n = _per_channel(coefficients[0], c), _per_channel(coefficients[1], c)
         if factor is not None:
             along_n = along_n * factor
+        channel_rstd = _per_channel(rstd, c) if factor is None else factor  # the rows' factor is rstd per channel
         dx = torch.addcmul(const, base, along_n)
-        dx.addcmul_(g, _per_channel(rstd, c) * scale[:, None, :])
+        dx.addcmul_(g, channel_rstd * scale[:, None, :])
         return _from_rows(dx, ctx.shape), None, d_scale, d_shift, None
 
 
@@ -194,7 +199,7 @@ def modulated_group_norm(
     where :class:`GroupNorm32` does.
     """
     xf = x.float()
-    if uses_rows(xf) or trains_nhwc(xf):
+    if takes_group_norm_nhwc(xf):
         b, c = x.shape[:2]
         scale, shift = scale.expand(b, c, 1, 1).reshape(b, c), shift.expand(b, c, 1, 1).reshape(b, c)
         return group_norm_nhwc(xf, norm.num_groups, norm.weight.float() * scale,
@@ -254,7 +259,8 @@ class Conv2d(nn.Conv2d):
     one thread: 1x1 kernels below batch 16, and batch-1 maps under 20480 elements. There oneDNN is about
     2x faster here (a [8, 64, 32, 32] 1x1 conv: 0.18 vs 0.38 ms; [1, 64, 16, 16] 3x3: 0.13 vs 0.23 ms),
     with the same weights and a different summation order only. Anything else, maps under autograd and
-    calls under CPU autocast (bf16 inference) take ``nn.Conv2d``'s own path. The parameters are nn.Conv2d's, so state_dict keys do not change.
+    calls under CPU autocast (bf16 inference) take ``nn.Conv2d``'s own path. The parameters are
+    nn.Conv2d's, so state_dict keys do not change.
 
     ``frozen`` (set by :func:`diffae_core.performance.freeze` for models whose weights no longer change,
     as a serving replica's): oneDNN also gets the weight already reordered into its blocked layout, once

@@ -55,7 +55,8 @@ class PerformanceOptions:
             return cls(channels_last=True, tf32=True, fused_optimizer=True, compile=False, heap_reuse=False)
         # measured on the project's (busy, 2-core) CPU, benchmarks/RESULTS.md "Core speed": NHWC convolutions
         # run 1.5-2x faster in a profile, and channels_last + fused Adam was the fastest ffhq64 step (1.07x);
-        # at 16 px NHWC GroupNorm's 4x slower backward ate the gain (demo16 0.81x, 0.85x on a quiet machine);
+        # at 16 px channels_last lost with ATen's NHWC GroupNorm backward (demo16 0.81x, 0.85x), and is 1.03x
+        # (noise) with diffae_core.nn.GroupNormNHWC, so 16 px stays NCHW;
         # at 32 px channels_last was 1.01-1.04x the NCHW training step and 1.01x (b1) to 1.28x (b8) the NCHW
         # reconstruction. Fused Adam was within noise of foreach (~3% of a step; one pass per tensor).
         # compile: 8 minutes of compiling, then 0.88x (training) and 0.90x (tiny32 b8 reconstruction).

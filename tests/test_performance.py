@@ -232,7 +232,7 @@ def test_reuse_heap_keeps_freed_feature_maps_from_faulting_again():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         import pytest
 
-        pytest.skip("glibc only")
+        pytest.skip("reuse_heap tunes glibc's malloc; this C library is not glibc")
     script = (
         "import resource, torch\n"
         "from diffae_core import DiffAE\n"
@@ -269,7 +269,7 @@ def test_frozen_convolutions_prepack_weights_and_follow_weight_changes():
     if not PREPACKED:
         import pytest
 
-        pytest.skip("this torch has no oneDNN prepacked convolution")
+        pytest.skip("this torch build lacks the oneDNN prepacked-convolution ops that freeze() uses")
     torch.manual_seed(0)
     model = apply(DiffAE.from_preset("tiny32").eval(), PerformanceOptions(channels_last=True))
     other = apply(DiffAE.from_preset("tiny32").eval(), PerformanceOptions(channels_last=True))
