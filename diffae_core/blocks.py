@@ -7,6 +7,8 @@ official weights load by name.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,11 +18,15 @@ from .nn import (
     Downsample,
     Dropout,
     Upsample,
-    modulated_group_norm,
+    adaptive_group_norm,
     nhwc_float32_cpu,
     normalization,
     zero_module,
 )
+
+# A ResBlock's AdaGN as one affine map of its normalised features: float32 scale and shift, [B, C] (or [1, C]
+# when nothing varies over the batch), with the output GroupNorm's own weight and bias folded in.
+Affine = tuple[torch.Tensor, torch.Tensor]
 
 
 class ResBlock(nn.Module):
@@ -76,7 +82,10 @@ class ResBlock(nn.Module):
         emb: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
         lateral: torch.Tensor | None = None,
+        affine: Affine | None = None,
     ) -> torch.Tensor:
+        """``affine``: this block's AdaGN already computed (:class:`diffae_core.unet.AdaGNSchedule`), in
+        place of emb and cond."""
         if self.has_lateral:
             # current features first, skip features second: the conv weight layout depends on it
             x = torch.cat([x, lateral], dim=1)
@@ -87,31 +96,41 @@ class ResBlock(nn.Module):
         else:
             h = self.in_layers(x)
         if self.use_condition:
-            h = self._modulate(h, emb, cond)
+            if affine is None and emb is not None:
+                affine = self.adagn_affine(self.time_affine(emb), self.cond_factor(cond))
+            h = self._modulate(h, affine)
         return self.skip_connection(x) + h
 
-    def _modulate(self, h: torch.Tensor, emb: torch.Tensor | None, cond: torch.Tensor | None) -> torch.Tensor:
+    def _modulate(self, h: torch.Tensor, affine: Affine | None) -> torch.Tensor:
         norm, act, dropout, conv = self.out_layers
-        if emb is None:
-            h = norm(h)
-        else:
-            scale, shift = self._scale_shift(emb, cond)
-            h = modulated_group_norm(h, norm, scale, shift)
+        h = norm(h) if affine is None else adaptive_group_norm(h, norm.num_groups, *affine, norm.eps)
         return conv(dropout(act(h)))
 
-    def _scale_shift(self, emb: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """AdaGN as one affine map per (example, channel): [B, C, 1, 1] float32 scale and shift.
+    def time_affine(self, emb: torch.Tensor) -> Affine:
+        """The output GroupNorm's affine after the time modulation, for time embeddings emb [N, E]:
+        float32 scale ``w (1 + t_s)`` and shift ``b (1 + t_s) + t_b``, each [N, C]."""
+        t_scale, t_shift = self.emb_layers(emb).float().chunk(2, dim=1)
+        norm = self.out_layers[0]
+        t_scale = 1 + t_scale
+        return norm.weight.float() * t_scale, torch.addcmul(t_shift, norm.bias.float(), t_scale)
 
-        ``(1 + z_s) * ((1 + t_s) * n + t_b) == n * (1 + t_s)(1 + z_s) + t_b (1 + z_s)``: folding the two
-        modulations together turns three passes over the feature map into one.
+    def cond_factor(self, cond: torch.Tensor | None) -> torch.Tensor | None:
+        """``1 + z_s`` [B, C] float32 for raw z_sem cond [B, Z]; None for None."""
+        return None if cond is None else 1 + self.cond_emb_layers(cond).float()
+
+    @staticmethod
+    def adagn_affine(time_affine: Affine, cond_factor: torch.Tensor | None) -> Affine:
+        """AdaGN as one affine map per (example, channel) of the normalised features.
+
+        ``(1 + z_s) * ((1 + t_s) * (w n + b) + t_b) == n * w (1 + t_s)(1 + z_s) + (b (1 + t_s) + t_b)(1 + z_s)``:
+        folding GroupNorm's affine and both modulations together turns four passes over the feature map
+        into one. z_sem only modulates when time does too (the official code ignores cond without emb).
+        time_affine: [B, C] or [1, C] each; cond_factor: [B, C] or None.
         """
-        t_scale, t_shift = self.emb_layers(emb).float()[..., None, None].chunk(2, dim=1)
-        scale, shift = 1 + t_scale, t_shift
-        # z_sem only modulates when time does too (the official code ignores cond without emb)
-        if cond is not None:
-            z_scale = 1 + self.cond_emb_layers(cond).float()[..., None, None]
-            scale, shift = scale * z_scale, shift * z_scale
-        return scale, shift
+        scale, shift = time_affine
+        if cond_factor is None:
+            return scale, shift
+        return scale * cond_factor, shift * cond_factor
 
 
 class AttentionBlock(nn.Module):
@@ -167,7 +186,8 @@ class AttentionBlock(nn.Module):
 
 
 class CondSequential(nn.Sequential):
-    """A Sequential that hands time embedding, z_sem and lateral input to the ResBlocks inside it."""
+    """A Sequential that hands time embedding, z_sem and lateral input (or precomputed AdaGN affines, one
+    per ResBlock in order) to the ResBlocks inside it."""
 
     def forward(  # type: ignore[override]
         self,
@@ -175,10 +195,11 @@ class CondSequential(nn.Sequential):
         emb: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
         lateral: torch.Tensor | None = None,
+        affines: Iterator[Affine] | None = None,
     ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb, cond, lateral)
+                x = layer(x, emb, cond, lateral, None if affines is None else next(affines))
             else:
                 x = layer(x)
         return x

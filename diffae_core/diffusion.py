@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -18,6 +19,25 @@ import torch
 from .config import DiffusionConfig
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t [B,...], t [B] int64) -> network output
+StepFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (x_t, t, index into the run's timesteps)
+
+
+@runtime_checkable
+class PreparedEpsFn(Protocol):
+    """An eps_fn that a DDIM run first prepares for its timesteps, so that it can compute whatever depends
+    only on them once per run (diffae_core.unet.ConditionedUNet: the decoder's time and z_sem conditioning)."""
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    def for_timesteps(self, timesteps: torch.Tensor) -> StepFn: ...
+
+
+def step_fn(eps_fn: EpsFn, timesteps: torch.Tensor) -> StepFn:
+    """eps_fn as a function of (x_t, t, step index) for a run over ``timesteps`` [N]: prepared once when it
+    is a :class:`PreparedEpsFn`, else called as ``eps_fn(x_t, t)``."""
+    if isinstance(eps_fn, PreparedEpsFn):
+        return eps_fn.for_timesteps(timesteps)
+    return lambda x_t, t, step: eps_fn(x_t, t)
 MAX_STEPS = 1000
 PREDICTIONS = ("eps", "v")
 
@@ -195,10 +215,10 @@ class GaussianDiffusion:
         )
 
     def _x0_and_eps(
-        self, eps_fn: EpsFn, x: torch.Tensor, tab: _Tables, i: int, clip: bool
+        self, eps: StepFn, x: torch.Tensor, tab: _Tables, i: int, clip: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         t = tab.timesteps[i].expand(x.shape[0])
-        out = eps_fn(x, t).float()
+        out = eps(x, t, i).float()
         if self.cfg.prediction == "v":
             x0 = tab.sqrt_a[i] * x - tab.sqrt_1m_a[i] * out
         else:
@@ -218,9 +238,10 @@ class GaussianDiffusion:
         """
         clip = self.cfg.clip_denoised if clip is None else clip
         tab = self.tables(steps, x_T.device)
+        predict = step_fn(eps_fn, tab.timesteps)
         x = x_T.float()
         for i in reversed(range(len(tab.timesteps))):
-            x0, eps = self._x0_and_eps(eps_fn, x, tab, i, clip)
+            x0, eps = self._x0_and_eps(predict, x, tab, i, clip)
             x = x0 * tab.sqrt_prev[i] + tab.sqrt_1m_prev[i] * eps
             yield x, x0
 
@@ -240,8 +261,9 @@ class GaussianDiffusion:
         """
         clip = self.cfg.clip_denoised if clip is None else clip
         tab = self.tables(steps, x0.device)
+        predict = step_fn(eps_fn, tab.timesteps)
         x = x0.float()
         for i in range(len(tab.timesteps)):
-            x0_hat, eps = self._x0_and_eps(eps_fn, x, tab, i, clip)
+            x0_hat, eps = self._x0_and_eps(predict, x, tab, i, clip)
             x = x0_hat * tab.sqrt_next[i] + tab.sqrt_1m_next[i] * eps
         return x

@@ -21,7 +21,7 @@ from .config import ModelConfig, get_preset
 from .diffusion import GaussianDiffusion
 from .encoder import SemanticEncoder
 from .latent import LatentMLP
-from .unet import ConditionalUNet
+from .unet import ConditionalUNet, ConditionedUNet
 from .weights import ClassifierWeights, LatentWeights, ModelWeights, WeightsMismatch, load_checked
 
 NO_LATENT_NET = (
@@ -221,9 +221,8 @@ class DiffAE(nn.Module):
         with self._inference():
             return encoder(self._check_images(x, "x").float()).float()
 
-    def _eps_fn(self, z: torch.Tensor):
-        unet = self._require("unet")
-        return lambda x_t, t: unet(x_t, t, z).float()
+    def _eps_fn(self, z: torch.Tensor) -> ConditionedUNet:
+        return ConditionedUNet(self._require("unet"), z)
 
     def encode_stochastic(self, x: torch.Tensor, z: torch.Tensor | None = None, steps: int = 20) -> torch.Tensor:
         """x_T [B,3,H,W] by DDIM inversion of x [B,3,H,W] in [-1,1] conditioned on z [B,Z] (None -> encode(x))."""

@@ -75,7 +75,7 @@ ROWS_MAX_POSITIONS = 256  # up to here (16x16) the rows statistics beat ATen's c
 
 
 def takes_group_norm_nhwc(x: torch.Tensor) -> bool:
-    """Whether GroupNorm32 and :func:`modulated_group_norm` send x to :func:`group_norm_nhwc`: an inference map
+    """Whether GroupNorm32 and :func:`adaptive_group_norm` send x to :func:`group_norm_nhwc`: an inference map
     of :func:`uses_rows`, or any training map (:func:`trains_nhwc`)."""
     return uses_rows(x) or trains_nhwc(x)
 
@@ -188,26 +188,31 @@ class GroupNormNHWC(torch.autograd.Function):
         return _from_rows(dx, ctx.shape), None, d_scale, d_shift, None
 
 
-def modulated_group_norm(
-    x: torch.Tensor, norm: GroupNorm32, scale: torch.Tensor, shift: torch.Tensor
-) -> torch.Tensor:
-    """``norm(x) * scale + shift`` with one multiply-add over x, computed in float32 like GroupNorm32.
+def adaptive_group_norm(x: torch.Tensor, groups: int, scale: torch.Tensor, shift: torch.Tensor,
+                        eps: float) -> torch.Tensor:
+    """GroupNorm of x [B, C, H, W] without an affine of its own, then ``* scale + shift`` per (example,
+    channel), computed in float32 like GroupNorm32 and cast back to x's dtype. scale, shift: [B, C] or [1, C]
+    float32 (AdaGN with GroupNorm's affine folded in, :meth:`diffae_core.blocks.ResBlock.adagn_affine`).
 
-    x: [B, C, H, W]; scale, shift: [B, C, 1, 1]. The norm's own affine (weight, bias) is folded into the
-    per-(example, channel) scale and shift, so the feature map is normalised without affine and then
-    touched once (``addcmul``) instead of three times. channels_last CPU maps take :func:`group_norm_nhwc`
-    where :class:`GroupNorm32` does.
+    One pass over x for the affine wherever a kernel allows it: channels_last CPU maps take
+    :func:`group_norm_nhwc` where :class:`GroupNorm32` does; outside autograd a single image, or a
+    contiguous batch seen as one image of B * C channels in B * groups groups (the groups never span two
+    examples), passes scale and shift as GroupNorm's own per-channel affine; anything else is normalised,
+    then touched once by ``addcmul``.
     """
     xf = x.float()
+    b, c, h, w = x.shape
+    scale, shift = scale.expand(b, c), shift.expand(b, c)
     if takes_group_norm_nhwc(xf):
-        b, c = x.shape[:2]
-        scale, shift = scale.expand(b, c, 1, 1).reshape(b, c), shift.expand(b, c, 1, 1).reshape(b, c)
-        return group_norm_nhwc(xf, norm.num_groups, norm.weight.float() * scale,
-                               norm.bias.float() * scale + shift, norm.eps).to(x.dtype)
-    weight = norm.weight.float()[:, None, None]
-    bias = norm.bias.float()[:, None, None]
-    n = F.group_norm(xf, norm.num_groups, None, None, norm.eps)
-    return torch.addcmul(bias * scale + shift, n, weight * scale).to(x.dtype)
+        return group_norm_nhwc(xf, groups, scale, shift, eps).to(x.dtype)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (xf, scale, shift))):
+        if b == 1:
+            return F.group_norm(xf, groups, scale[0], shift[0], eps).to(x.dtype)
+        if xf.is_contiguous():
+            out = F.group_norm(xf.view(1, b * c, h, w), b * groups, scale.reshape(-1), shift.reshape(-1), eps)
+            return out.view(b, c, h, w).to(x.dtype)
+    n = F.group_norm(xf, groups, None, None, eps)
+    return torch.addcmul(shift[..., None, None], n, scale[..., None, None]).to(x.dtype)
 
 
 class Dropout(nn.Dropout):

@@ -9,7 +9,7 @@ import torch
 
 from diffae_core import DiffAE
 from diffae_core.blocks import AttentionBlock
-from diffae_core.nn import Dropout, group_norm_nhwc, group_norm_rows
+from diffae_core.nn import Dropout, adaptive_group_norm, group_norm_nhwc, group_norm_rows
 from diffae_core.performance import PerformanceOptions, apply, optimizer_kwargs
 from pipelines.training import speed_options
 
@@ -103,6 +103,74 @@ def test_position_major_group_norm_matches_aten_forward_and_backward():
         rows = x.permute(0, 2, 3, 1).reshape(b, 30, c).detach().requires_grad_()
         args = (rows, scale.requires_grad_(), shift.requires_grad_())
         assert torch.autograd.gradcheck(lambda r, s, t, g=groups: group_norm_rows(r, g, s, t, 1e-5), args)
+
+
+def test_adaptive_group_norm_matches_group_norm_then_affine_on_every_branch():
+    """adaptive_group_norm against F.group_norm then ``* scale + shift``, values and gradients within float32
+    rounding (it computes in float32, as GroupNorm32), on each of its branches: one image (GroupNorm's own
+    affine), a contiguous batch (one image of B * C channels), channels_last batches (rows, and ATen +
+    addcmul above 16x16), under autograd, and a [1, C] scale and shift broadcast over the batch."""
+    torch.manual_seed(0)
+    cases = [(1, 16, 4, 5, 6, False), (1, 16, 4, 5, 6, True), (3, 32, 8, 5, 6, False), (3, 32, 8, 5, 6, True),
+             (2, 16, 4, 17, 17, True)]
+    for b, c, groups, h, w, channels_last in cases:
+        for scale_rows in (b, 1):
+            x = torch.randn(b, c, h, w) * 3 + 2
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            scale, shift = torch.randn(scale_rows, c), torch.randn(scale_rows, c)
+            want = torch.nn.functional.group_norm(x, groups, eps=1e-5) * scale[..., None, None] + shift[..., None, None]
+            with torch.no_grad():
+                torch.testing.assert_close(adaptive_group_norm(x, groups, scale, shift, 1e-5), want,
+                                           atol=1e-5, rtol=1e-5)
+            leaves = [t.clone().requires_grad_() for t in (x, scale, shift)]
+            got = adaptive_group_norm(leaves[0], groups, leaves[1], leaves[2], 1e-5)
+            ref = [t.clone().requires_grad_() for t in (x, scale, shift)]
+            want = torch.nn.functional.group_norm(ref[0], groups, eps=1e-5) * ref[1][..., None, None] + ref[2][..., None, None]
+            grad = torch.randn_like(want)
+            for got_grad, want_grad in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, ref, grad),
+                                           strict=True):
+                torch.testing.assert_close(got_grad, want_grad, atol=1e-4, rtol=1e-4)
+
+
+def test_ddim_runs_compute_the_conditioning_once_and_match_the_unet_step_by_step():
+    """DiffAE.decode and encode_stochastic run the time MLP and every ResBlock's emb_layers and
+    cond_emb_layers once per DDIM run (AdaGNSchedule), not once per step, and give the result of calling the
+    UNet step by step, within fp32 rounding, with and without z_sem."""
+    from diffae_core.blocks import ResBlock
+    from diffae_core.unet import AdaGNSchedule
+
+    torch.manual_seed(0)
+    model = DiffAE.from_preset("tiny32").eval()
+    for p in model.parameters():  # zero-initialised convs would hide the conditioning
+        p.data.add_(torch.randn_like(p) * 0.02)
+    unet = model.unet
+    x, x_T = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 3, 32, 32)
+    z = model.encode(x)
+    with torch.no_grad():
+        want_x0 = model.diffusion.ddim_sample(lambda x_t, t: unet(x_t, t, z), x_T, steps=4)
+        want_xT = model.diffusion.ddim_invert(lambda x_t, t: unet(x_t, t, z), x, steps=4)
+    calls: list[str] = []
+    hooks = [layer.register_forward_hook(lambda *_, name=name: calls.append(name))
+             for name, layer in unet.named_modules() if name == "time_embed" or name.endswith("emb_layers")]
+    try:
+        got_x0 = model.decode(x_T, z, steps=4)
+        got_xT = model.encode_stochastic(x, z, steps=4)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    blocks = unet.res_blocks()
+    assert len(blocks) == sum(isinstance(m, ResBlock) for m in unet.modules()) > 0
+    assert len(calls) == 2 * (2 * len(blocks) + 1) and len(set(calls)) == 2 * len(blocks) + 1  # once each per run
+    torch.testing.assert_close(got_x0, want_x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_xT, want_xT, atol=1e-5, rtol=1e-5)
+    timesteps = model.diffusion.tables(4, "cpu").timesteps
+    with torch.no_grad():
+        for cond in (z, None):
+            affines = AdaGNSchedule(unet, timesteps, cond).at(2)
+            assert [a[0].shape[0] for a in affines] == [2 if cond is not None else 1] * len(blocks)
+            t = timesteps[2].expand(2)
+            torch.testing.assert_close(unet(x, t, cond, affines), unet(x, t, cond), atol=1e-5, rtol=1e-5)
 
 
 def test_channels_last_inference_takes_the_rows_path_and_matches_nchw():
