@@ -19,6 +19,9 @@ import torch
 from .config import DiffusionConfig
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t [B,...], t [B] int64) -> network output
+MAX_STEPS = 1000
+PREDICTIONS = ("eps", "v")
+
 StepFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (x_t, t, index into the run's timesteps)
 
 
@@ -38,8 +41,6 @@ def step_fn(eps_fn: EpsFn, timesteps: torch.Tensor) -> StepFn:
     if isinstance(eps_fn, PreparedEpsFn):
         return eps_fn.for_timesteps(timesteps)
     return lambda x_t, t, step: eps_fn(x_t, t)
-MAX_STEPS = 1000
-PREDICTIONS = ("eps", "v")
 
 
 def beta_schedule(name: str, T: int = 1000) -> np.ndarray:

@@ -9,7 +9,7 @@ z_sem conditions every ResBlock. Parameter names match the official checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -197,7 +197,7 @@ class ConditionedUNet:
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.unet(x_t, t, self.cond).float()
 
-    def for_timesteps(self, timesteps: torch.Tensor):
+    def for_timesteps(self, timesteps: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
         """(x_t, t, step index into ``timesteps`` [N]) -> output, with the conditioning of all N steps
         computed now."""
         schedule = AdaGNSchedule(self.unet, timesteps, self.cond)
