@@ -20,6 +20,7 @@ from .nn import (
     Upsample,
     adaptive_group_norm,
     nhwc_float32_cpu,
+    norm_silu,
     normalization,
     zero_module,
 )
@@ -89,12 +90,12 @@ class ResBlock(nn.Module):
         if self.has_lateral:
             # current features first, skip features second: the conv weight layout depends on it
             x = torch.cat([x, lateral], dim=1)
+        norm, _, conv = self.in_layers  # GroupNorm32, SiLU, Conv2d: the SiLU runs inside norm_silu
         if self.updown:
-            norm, act, conv = self.in_layers
-            h = conv(self.resample(act(norm(x))))
+            h = conv(self.resample(norm_silu(norm, x)))
             x = self.resample(x)
         else:
-            h = self.in_layers(x)
+            h = conv(norm_silu(norm, x))
         if self.use_condition:
             if affine is None and emb is not None:
                 affine = self.adagn_affine(self.time_affine(emb), self.cond_factor(cond))
@@ -102,9 +103,10 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
     def _modulate(self, h: torch.Tensor, affine: Affine | None) -> torch.Tensor:
-        norm, act, dropout, conv = self.out_layers
-        h = norm(h) if affine is None else adaptive_group_norm(h, norm.num_groups, *affine, norm.eps)
-        return conv(dropout(act(h)))
+        norm, _, dropout, conv = self.out_layers  # the SiLU runs inside the GroupNorm (one native kernel)
+        h = norm_silu(norm, h) if affine is None else adaptive_group_norm(h, norm.num_groups, *affine, norm.eps,
+                                                                          silu=True)
+        return conv(dropout(h))
 
     def time_affine(self, emb: torch.Tensor) -> Affine:
         """The output GroupNorm's affine after the time modulation, for time embeddings emb [N, E]:

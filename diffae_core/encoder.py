@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import EncoderConfig, UNetConfig
-from .nn import Conv2d, normalization
+from .nn import Conv2d, norm_silu, normalization
 from .unet import build_input_path, build_middle
 
 
@@ -45,4 +45,8 @@ class SemanticEncoder(nn.Module):
         h = x
         for block in self.input_blocks:
             h = block(h)
-        return self.out(self.middle_block(h))
+        norm, _, *head = self.out  # GroupNorm32, SiLU, pool, 1x1 conv, flatten: the SiLU runs inside norm_silu
+        h = norm_silu(norm, self.middle_block(h))
+        for layer in head:
+            h = layer(h)
+        return h

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import native
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of timesteps.
@@ -29,17 +31,32 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and cast back, so reduced-precision runs keep stable statistics.
 
-    channels_last CPU maps where ATen's NHWC GroupNorm kernels are slow (:func:`takes_group_norm_nhwc`) go
-    through :func:`group_norm_nhwc`; anything else through ``F.group_norm``.
+    channels_last float32 CPU maps take the native kernel where it runs (:func:`diffae_core.native.takes_native`),
+    else :func:`group_norm_nhwc` where ATen's NHWC GroupNorm kernels are slow (:func:`takes_group_norm_nhwc`);
+    anything else goes through ``F.group_norm``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalise(x, silu=False)
+
+    def normalise(self, x: torch.Tensor, silu: bool) -> torch.Tensor:
+        """GroupNorm of x [B, C, H, W], then SiLU when ``silu``: what the layer followed by ``nn.SiLU`` computes,
+        in one native kernel where it runs."""
         xf = x.float()
+        b, c = x.shape[:2]
+        if native.takes_native(xf, self.num_groups):
+            return native.group_norm_act(xf, self.num_groups, self.weight.expand(b, c), self.bias.expand(b, c),
+                                         self.eps, silu).to(x.dtype)
         if takes_group_norm_nhwc(xf):
-            b, c = x.shape[:2]
-            return group_norm_nhwc(xf, self.num_groups, self.weight.expand(b, c), self.bias.expand(b, c),
-                                   self.eps).to(x.dtype)
-        return F.group_norm(xf, self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+            out = group_norm_nhwc(xf, self.num_groups, self.weight.expand(b, c), self.bias.expand(b, c), self.eps)
+        else:
+            out = F.group_norm(xf, self.num_groups, self.weight, self.bias, self.eps)
+        return (F.silu(out) if silu else out).to(x.dtype)
+
+
+def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``SiLU(norm(x))``: fused into one kernel for a :class:`GroupNorm32` where the native kernel runs."""
+    return norm.normalise(x, silu=True) if isinstance(norm, GroupNorm32) else F.silu(norm(x))
 
 
 def nhwc_float32_cpu(x: torch.Tensor) -> bool:
@@ -189,30 +206,41 @@ class GroupNormNHWC(torch.autograd.Function):
 
 
 def adaptive_group_norm(x: torch.Tensor, groups: int, scale: torch.Tensor, shift: torch.Tensor,
-                        eps: float) -> torch.Tensor:
+                        eps: float, silu: bool = False) -> torch.Tensor:
     """GroupNorm of x [B, C, H, W] without an affine of its own, then ``* scale + shift`` per (example,
-    channel), computed in float32 like GroupNorm32 and cast back to x's dtype. scale, shift: [B, C] or [1, C]
-    float32 (AdaGN with GroupNorm's affine folded in, :meth:`diffae_core.blocks.ResBlock.adagn_affine`).
+    channel), then SiLU when ``silu``, computed in float32 like GroupNorm32 and cast back to x's dtype.
+    scale, shift: [B, C] or [1, C] float32 (AdaGN with GroupNorm's affine folded in,
+    :meth:`diffae_core.blocks.ResBlock.adagn_affine`).
 
-    One pass over x for the affine wherever a kernel allows it: channels_last CPU maps take
-    :func:`group_norm_nhwc` where :class:`GroupNorm32` does; outside autograd a single image, or a
-    contiguous batch seen as one image of B * C channels in B * groups groups (the groups never span two
-    examples), passes scale and shift as GroupNorm's own per-channel affine; anything else is normalised,
-    then touched once by ``addcmul``.
+    One pass over x for the affine (and the SiLU) wherever a kernel allows it: channels_last CPU maps take
+    the native kernel or :func:`group_norm_nhwc` where :class:`GroupNorm32` does; outside autograd a single
+    image, or a contiguous batch seen as one image of B * C channels in B * groups groups (the groups never
+    span two examples), passes scale and shift as GroupNorm's own per-channel affine; anything else is
+    normalised, then touched once by ``addcmul``.
     """
     xf = x.float()
     b, c, h, w = x.shape
     scale, shift = scale.expand(b, c), shift.expand(b, c)
+    if native.takes_native(xf, groups):
+        return native.group_norm_act(xf, groups, scale, shift, eps, silu).to(x.dtype)
+    out = _adaptive_group_norm(xf, groups, scale, shift, eps)
+    return (F.silu(out) if silu else out).to(x.dtype)
+
+
+def _adaptive_group_norm(xf: torch.Tensor, groups: int, scale: torch.Tensor, shift: torch.Tensor,
+                         eps: float) -> torch.Tensor:
+    """:func:`adaptive_group_norm` of float32 xf [B, C, H, W] without the native kernel; scale, shift [B, C]."""
+    b, c, h, w = xf.shape
     if takes_group_norm_nhwc(xf):
-        return group_norm_nhwc(xf, groups, scale, shift, eps).to(x.dtype)
+        return group_norm_nhwc(xf, groups, scale, shift, eps)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (xf, scale, shift))):
         if b == 1:
-            return F.group_norm(xf, groups, scale[0], shift[0], eps).to(x.dtype)
+            return F.group_norm(xf, groups, scale[0], shift[0], eps)
         if xf.is_contiguous():
             out = F.group_norm(xf.view(1, b * c, h, w), b * groups, scale.reshape(-1), shift.reshape(-1), eps)
-            return out.view(b, c, h, w).to(x.dtype)
+            return out.view(b, c, h, w)
     n = F.group_norm(xf, groups, None, None, eps)
-    return torch.addcmul(shift[..., None, None], n, scale[..., None, None]).to(x.dtype)
+    return torch.addcmul(shift[..., None, None], n, scale[..., None, None])
 
 
 class Dropout(nn.Dropout):

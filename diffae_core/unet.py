@@ -16,7 +16,7 @@ from torch import nn
 
 from .blocks import Affine, AttentionBlock, CondSequential, ResBlock
 from .config import UNetConfig
-from .nn import Conv2d, normalization, timestep_embedding, zero_module
+from .nn import Conv2d, norm_silu, normalization, timestep_embedding, zero_module
 
 
 class TimeEmbedding(nn.Module):
@@ -150,7 +150,8 @@ class ConditionalUNet(nn.Module):
             for _ in range(count):
                 lateral = level_skips.pop() if level_skips else None
                 h = next(blocks)(h, emb, cond, lateral, pending)
-        return self.out(h)
+        norm, _, conv = self.out  # GroupNorm32, SiLU, Conv2d: the SiLU runs inside norm_silu
+        return conv(norm_silu(norm, h))
 
     def res_blocks(self) -> list[ResBlock]:
         """The conditioned ResBlocks in the order forward runs them (module registration order)."""

@@ -3,15 +3,39 @@
 from __future__ import annotations
 
 import copy
+import os
 from types import SimpleNamespace
 
+import pytest
 import torch
 
-from diffae_core import DiffAE
+from diffae_core import DiffAE, native
 from diffae_core.blocks import AttentionBlock
 from diffae_core.nn import Dropout, adaptive_group_norm, group_norm_nhwc, group_norm_rows
 from diffae_core.performance import PerformanceOptions, apply, optimizer_kwargs
 from pipelines.training import speed_options
+
+
+@pytest.fixture
+def native_off(monkeypatch):
+    """The PyTorch GroupNorm paths for one test: the native kernel switched off (DIFFAE_NATIVE_KERNELS=0)."""
+    monkeypatch.setenv("DIFFAE_NATIVE_KERNELS", "0")
+    native.library.cache_clear()
+    yield
+    native.library.cache_clear()  # the next caller loads the kernel again, with the environment restored
+
+
+@pytest.fixture(params=["native", "GroupNormNHWC"])
+def group_norm_kernel(request, monkeypatch):
+    """Each channels_last CPU training GroupNorm in turn: the native kernel, then GroupNormNHWC (the native
+    kernel switched off). Yields the kernel's name."""
+    if request.param == "native" and not native.available():
+        pytest.skip("no C compiler here: the native GroupNorm kernel cannot build")
+    if request.param != "native":
+        monkeypatch.setenv("DIFFAE_NATIVE_KERNELS", "0")
+    native.library.cache_clear()
+    yield request.param
+    native.library.cache_clear()
 
 
 def test_channels_last_keeps_keys_outputs_and_bundles(tmp_path):
@@ -105,7 +129,7 @@ def test_position_major_group_norm_matches_aten_forward_and_backward():
         assert torch.autograd.gradcheck(lambda r, s, t, g=groups: group_norm_rows(r, g, s, t, 1e-5), args)
 
 
-def test_adaptive_group_norm_matches_group_norm_then_affine_on_every_branch():
+def test_adaptive_group_norm_matches_group_norm_then_affine_on_every_branch(native_off):
     """adaptive_group_norm against F.group_norm then ``* scale + shift``, values and gradients within float32
     rounding (it computes in float32, as GroupNorm32), on each of its branches: one image (GroupNorm's own
     affine), a contiguous batch (one image of B * C channels), channels_last batches (rows, and ATen +
@@ -173,7 +197,7 @@ def test_ddim_runs_compute_the_conditioning_once_and_match_the_unet_step_by_step
             torch.testing.assert_close(unet(x, t, cond, affines), unet(x, t, cond), atol=1e-5, rtol=1e-5)
 
 
-def test_channels_last_inference_takes_the_rows_path_and_matches_nchw():
+def test_channels_last_inference_takes_the_rows_path_and_matches_nchw(native_off):
     """Under no_grad a channels_last tiny32 encodes and decodes through group_norm_rows and the
     position-major attention, within fp32 rounding of the NCHW model; training does not (its GroupNorm is
     GroupNormNHWC, tested below)."""
@@ -229,9 +253,140 @@ def test_training_group_norm_nhwc_backward_matches_aten_and_gradcheck():
                                         fast_mode=True)
 
 
-def test_channels_last_training_takes_group_norm_nhwc_and_matches_nchw_gradients():
-    """A channels_last tiny32's training loss backpropagates through GroupNormNHWC instead of ATen's
-    GroupNorm backward, with the NCHW model's loss and gradients (fp32 rounding)."""
+def _act_reference(x: torch.Tensor, groups: int, scale: torch.Tensor, shift: torch.Tensor,
+                   silu: bool) -> torch.Tensor:
+    """``act(F.group_norm(x) * scale + shift)`` in float64: what the native kernel computes in float32."""
+    out = torch.nn.functional.group_norm(x.double(), groups, eps=1e-5) * scale.double()[..., None, None]
+    out = out + shift.double()[..., None, None]
+    return torch.nn.functional.silu(out) if silu else out
+
+
+def test_native_group_norm_act_matches_a_float64_reference_in_values_and_gradients():
+    """native.group_norm_act with and without the SiLU against float64 GroupNorm + affine (+ SiLU): values
+    and x/scale/shift gradients within float32 rounding, for 1 to 4 channels per group, maps longer than
+    the kernel's 64-row summation chunks, a mean far from zero (two-pass statistics), and a group count
+    that is not a power of two; under no_grad the same values without an autograd node."""
+    if not native.available():
+        pytest.skip("no C compiler here: the native GroupNorm kernel cannot build")
+    torch.manual_seed(0)
+    for b, c, groups, h, w in ((3, 32, 32, 5, 6), (2, 64, 32, 17, 17), (2, 6, 3, 5, 7), (1, 128, 32, 4, 4),
+                               (2, 32, 8, 70, 3)):
+        for silu in (False, True):
+            x = (torch.randn(b, c, h, w) * 3 + 20).contiguous(memory_format=torch.channels_last).requires_grad_()
+            scale = (torch.randn(b, c) + 1).requires_grad_()
+            shift = torch.randn(b, c).requires_grad_()
+            assert native.takes_native(x, groups)
+            got = native.group_norm_act(x, groups, scale, shift, 1e-5, silu)
+            assert type(got.grad_fn).__name__ == "GroupNormActBackward"
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            want = _act_reference(x, groups, scale, shift, silu)
+            torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+            grad = torch.randn_like(got)
+            got_grads = torch.autograd.grad(got, (x, scale, shift), grad)
+            want_grads = torch.autograd.grad(want, (x, scale, shift), grad.double())
+            for name, got_grad, want_grad in zip("x scale shift".split(), got_grads, want_grads, strict=True):
+                torch.testing.assert_close(got_grad.double(), want_grad.double(), atol=1e-4, rtol=1e-4,
+                                           msg=lambda m, n=name: f"{n}: {m}")
+            assert got_grads[0].is_contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                assert torch.equal(native.group_norm_act(x, groups, scale, shift, 1e-5, silu), got)
+
+
+def test_native_kernel_is_taken_only_where_it_runs():
+    """takes_native refuses NCHW maps, other dtypes, channel counts the groups do not divide and more than
+    one intra-op thread (the kernel is single-threaded: ATen's parallel kernels stay)."""
+    if not native.available():
+        pytest.skip("no C compiler here: the native GroupNorm kernel cannot build")
+    x = torch.randn(2, 32, 6, 6).contiguous(memory_format=torch.channels_last)
+    assert native.takes_native(x, 8)
+    assert not native.takes_native(x.contiguous(), 8)
+    assert not native.takes_native(x.double(), 8)
+    assert not native.takes_native(x, 5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert not native.takes_native(x, 8)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_native_kernel_switched_off_keeps_the_pytorch_paths(native_off):
+    """With DIFFAE_NATIVE_KERNELS=0 nothing takes the kernel, and GroupNorm32 (+ SiLU) of a channels_last
+    map still matches ATen through the PyTorch paths."""
+    from diffae_core.nn import GroupNorm32, norm_silu
+
+    x = torch.randn(2, 32, 6, 6).contiguous(memory_format=torch.channels_last)
+    assert not native.available() and not native.takes_native(x, 8)
+    norm = GroupNorm32(8, 32)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+        want = torch.nn.functional.group_norm(x, 8, norm.weight, norm.bias, norm.eps)
+        torch.testing.assert_close(norm(x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(norm_silu(norm, x), torch.nn.functional.silu(want), atol=1e-5, rtol=1e-5)
+
+
+def test_native_kernel_builds_once_per_cache_and_falls_back_without_a_compiler(tmp_path):
+    """In fresh processes: the first import builds one library into DIFFAE_KERNEL_DIR, the next reuses it
+    untouched; a compiler that does not exist leaves the kernel off with a warning, and the model runs."""
+    import subprocess
+    import sys
+
+    probe = ("import logging, torch; logging.basicConfig(); torch.set_num_threads(1); "
+             "from diffae_core import native; from diffae_core.nn import GroupNorm32; "
+             "x = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last); "
+             "GroupNorm32(4, 8)(x); print(native.available())")
+    env = {**os.environ, "DIFFAE_KERNEL_DIR": str(tmp_path)}
+    env.pop("DIFFAE_NATIVE_KERNELS", None)
+    first = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=180)
+    if first.stdout.strip() == "False" and "no C compiler" in first.stderr:
+        pytest.skip("no C compiler here: the native GroupNorm kernel cannot build")
+    assert first.returncode == 0 and first.stdout.strip() == "True", first.stderr
+    built = list(tmp_path.glob("*.so"))
+    assert len(built) == 1 and not list(tmp_path.glob("*.tmp"))
+    stamp = built[0].stat().st_mtime_ns
+    second = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=180)
+    assert second.stdout.strip() == "True" and list(tmp_path.glob("*.so")) == built
+    assert built[0].stat().st_mtime_ns == stamp
+    broken = subprocess.run([sys.executable, "-c", probe], env={**env, "CC": str(tmp_path / "no-such-cc"),
+                                                                 "DIFFAE_KERNEL_DIR": str(tmp_path / "other")},
+                            capture_output=True, text=True, timeout=180)
+    assert broken.returncode == 0 and broken.stdout.strip() == "False"
+    assert "did not build" in broken.stderr
+
+
+def test_channels_last_inference_takes_the_native_kernel_and_matches_nchw():
+    """Under no_grad a channels_last tiny32 encodes and decodes through the native kernel (every GroupNorm of
+    the encoder and the UNet), within fp32 rounding of the NCHW model."""
+    if not native.available():
+        pytest.skip("no C compiler here: the native GroupNorm kernel cannot build")
+    torch.manual_seed(0)
+    model = DiffAE.from_preset("tiny32").eval()
+    x, x_T = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        z = model.encode(x)
+        want = model.decode(x_T, z, steps=2)
+    calls = []
+    original = native._forward
+    native._forward = lambda *a: calls.append(1) or original(*a)
+    try:
+        apply(model, PerformanceOptions(channels_last=True))
+        with torch.no_grad():
+            got_z = model.encode(x)
+            got = model.decode(x_T, got_z, steps=2)
+    finally:
+        native._forward = original
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    assert len(calls) >= norms  # the encoder once, the UNet's once per step
+    torch.testing.assert_close(got_z, z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_training_takes_its_group_norm_and_matches_nchw_gradients(group_norm_kernel):
+    """A channels_last tiny32's training loss backpropagates through the native kernel (GroupNormAct) or,
+    with it switched off, GroupNormNHWC, instead of ATen's GroupNorm backward, with the NCHW model's loss
+    and gradients (fp32 rounding)."""
+    expected_op = "GroupNormActBackward" if group_norm_kernel == "native" else "GroupNormNHWCBackward"
     torch.manual_seed(0)
     nchw = DiffAE.from_preset("tiny32").eval()  # eval: no dropout, whose mask follows the memory order
     for p in nchw.parameters():  # zero-initialised convs would give the decoder's inner layers no gradient
@@ -245,7 +400,7 @@ def test_channels_last_training_takes_group_norm_nhwc_and_matches_nchw_gradients
         ops = _profiled_ops(loss.backward)
         losses[name] = loss.item()
         if name == "nhwc":
-            assert "GroupNormNHWCBackward" in ops and "aten::native_group_norm_backward" not in ops
+            assert expected_op in ops and "aten::native_group_norm_backward" not in ops
         else:
             assert "aten::native_group_norm_backward" in ops
     assert abs(losses["nchw"] - losses["nhwc"]) < 1e-5 * max(1.0, losses["nchw"])
