@@ -9,7 +9,9 @@ many backward, each a separate op, and SiLU saves a map of its own for autograd.
 The C source ships with the package and is compiled on first use with the machine's C compiler
 (``$CC``, else ``cc``/``gcc``) for this CPU (``-O3 -march=native``), into a cache directory
 (``$DIFFAE_KERNEL_DIR``, else ``~/.cache/diffae-ray/kernels``) keyed by the source, the flags and the
-CPU's feature flags, so every process of a node reuses one build. Without a compiler, or with
+CPU's feature flags, so every process of a node reuses one build. ``-ffast-math`` is a compile flag
+only: linking with it makes GCC add ``crtfastmath.o``, whose constructor turns on flush-to-zero and
+denormals-are-zero for the whole process that loads the library, not just for this kernel. Without a compiler, or with
 ``DIFFAE_NATIVE_KERNELS=0``, :func:`available` is False and callers keep the PyTorch paths (logged
 once). The kernel is single-threaded, so it is taken only at one intra-op thread (what Ray workers
 run by default); with more threads ATen's parallel kernels stay.
@@ -34,7 +36,9 @@ from torch.autograd.function import once_differentiable
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "group_norm_silu.c"
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared")  # fast-math: vectorised expf (libmvec)
+# fast-math lets GCC call libmvec's vectorised expf; it stays off the link line (see the module docstring)
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-c")
+LINK_FLAGS = ("-shared",)
 BUILD_TIMEOUT_S = 120
 
 _F32P = ctypes.POINTER(ctypes.c_float)
@@ -57,20 +61,25 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str) -> Path:
     """The compiled library's path, compiling it unless this source, flags and CPU already have one."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS, _cpu_identity())).encode())
+    recipe = " ".join((compiler, *COMPILE_FLAGS, "|", *LINK_FLAGS, _cpu_identity()))
+    key = hashlib.sha256(SOURCE.read_bytes() + recipe.encode())
     target = _cache_dir() / f"group_norm_silu-{key.hexdigest()[:20]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")  # builds racing on a node each write their own
+    # Builds racing on a node each write their own object and library, then rename one into place.
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
+    obj = tmp[: -len(".so.tmp")] + ".o"
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True,
-                       timeout=BUILD_TIMEOUT_S)
+        for command in ([compiler, *COMPILE_FLAGS, "-o", obj, str(SOURCE)],
+                        [compiler, *LINK_FLAGS, "-o", tmp, obj, "-lm"]):
+            subprocess.run(command, check=True, capture_output=True, timeout=BUILD_TIMEOUT_S)
         os.replace(tmp, target)  # atomic: a reader sees no library or a whole one
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, obj):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     return target
 
 

@@ -355,6 +355,28 @@ def test_native_kernel_builds_once_per_cache_and_falls_back_without_a_compiler(t
     assert "did not build" in broken.stderr
 
 
+def test_loading_the_native_kernel_leaves_the_process_ieee_subnormals(tmp_path):
+    """A fresh build, loaded in a fresh process, keeps subnormal floats in Python and in torch: -ffast-math
+    on the link line would pull in crtfastmath.o and flush them to zero for every library of the process
+    (hypothesis, for one, then refuses to generate floats)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, torch; from diffae_core import native; "
+             "tiny = float(sys.argv[1]); assert tiny * 1.0 > 0, 'subnormals work before the load'; "
+             "print(native.available(), tiny * 1.0 > 0, (torch.tensor(tiny * 1e283) * 1.0).item() > 0)")
+    env = {**os.environ, "DIFFAE_KERNEL_DIR": str(tmp_path)}
+    env.pop("DIFFAE_NATIVE_KERNELS", None)
+    # The subnormals come in on the command line so that no constant folding stands in for the arithmetic.
+    run = subprocess.run([sys.executable, "-c", probe, "5e-324"], env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert run.returncode == 0, run.stderr
+    built, python_ok, torch_ok = run.stdout.split()
+    if built == "False":
+        pytest.skip("no C compiler here: the native GroupNorm kernel cannot build")
+    assert (python_ok, torch_ok) == ("True", "True"), "loading the kernel flushed subnormals to zero"
+
+
 def test_channels_last_inference_takes_the_native_kernel_and_matches_nchw():
     """Under no_grad a channels_last tiny32 encodes and decodes through the native kernel (every GroupNorm of
     the encoder and the UNet), within fp32 rounding of the NCHW model."""
