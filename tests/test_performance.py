@@ -197,31 +197,36 @@ def test_ddim_runs_compute_the_conditioning_once_and_match_the_unet_step_by_step
             torch.testing.assert_close(unet(x, t, cond, affines), unet(x, t, cond), atol=1e-5, rtol=1e-5)
 
 
-def test_channels_last_inference_takes_the_rows_path_and_matches_nchw(native_off):
+def _codes_nchw_then_channels_last(monkeypatch, module, name: str):
+    """A tiny32's (z, 2-step decoding) of two images as an NCHW model, then as the same model made
+    channels_last, with ``module.name`` counting its calls from there on. Returns the model, the images
+    and the results: (model, x, want_z, want, got_z, got, calls)."""
+    torch.manual_seed(0)
+    model = DiffAE.from_preset("tiny32").eval()
+    x, x_T = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want_z = model.encode(x)
+        want = model.decode(x_T, want_z, steps=2)
+    calls: list[int] = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or original(*a))
+    apply(model, PerformanceOptions(channels_last=True))
+    with torch.no_grad():
+        got_z = model.encode(x)
+        got = model.decode(x_T, got_z, steps=2)
+    return model, x, want_z, want, got_z, got, calls
+
+
+def test_channels_last_inference_takes_the_rows_path_and_matches_nchw(native_off, monkeypatch):
     """Under no_grad a channels_last tiny32 encodes and decodes through group_norm_rows and the
     position-major attention, within fp32 rounding of the NCHW model; training does not (its GroupNorm is
     GroupNormNHWC, tested below)."""
     from diffae_core import nn as core_nn
 
-    torch.manual_seed(0)
-    model = DiffAE.from_preset("tiny32").eval()
-    x, x_T = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        z = model.encode(x)
-        want = model.decode(x_T, z, steps=2)
-    calls = []
-    original = core_nn.group_norm_rows
-    core_nn.group_norm_rows = lambda *a: calls.append(1) or original(*a)
-    try:
-        apply(model, PerformanceOptions(channels_last=True))
-        with torch.no_grad():
-            got_z = model.encode(x)
-            got = model.decode(x_T, got_z, steps=2)
-        inference_calls = len(calls)
-        model.train()
-        model.training_loss(x).backward()
-    finally:
-        core_nn.group_norm_rows = original
+    model, x, z, want, got_z, got, calls = _codes_nchw_then_channels_last(monkeypatch, core_nn, "group_norm_rows")
+    inference_calls = len(calls)
+    model.train()
+    model.training_loss(x).backward()
     assert inference_calls > 0 and len(calls) == inference_calls
     torch.testing.assert_close(got_z, z, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -377,27 +382,12 @@ def test_loading_the_native_kernel_leaves_the_process_ieee_subnormals(tmp_path):
     assert (python_ok, torch_ok) == ("True", "True"), "loading the kernel flushed subnormals to zero"
 
 
-def test_channels_last_inference_takes_the_native_kernel_and_matches_nchw():
+def test_channels_last_inference_takes_the_native_kernel_and_matches_nchw(monkeypatch):
     """Under no_grad a channels_last tiny32 encodes and decodes through the native kernel (every GroupNorm of
     the encoder and the UNet), within fp32 rounding of the NCHW model."""
     if not native.available():
         pytest.skip("no C compiler here: the native GroupNorm kernel cannot build")
-    torch.manual_seed(0)
-    model = DiffAE.from_preset("tiny32").eval()
-    x, x_T = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        z = model.encode(x)
-        want = model.decode(x_T, z, steps=2)
-    calls = []
-    original = native._forward
-    native._forward = lambda *a: calls.append(1) or original(*a)
-    try:
-        apply(model, PerformanceOptions(channels_last=True))
-        with torch.no_grad():
-            got_z = model.encode(x)
-            got = model.decode(x_T, got_z, steps=2)
-    finally:
-        native._forward = original
+    model, _, z, want, got_z, got, calls = _codes_nchw_then_channels_last(monkeypatch, native, "_forward")
     norms = sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
     assert len(calls) >= norms  # the encoder once, the UNet's once per step
     torch.testing.assert_close(got_z, z, atol=1e-5, rtol=1e-5)
