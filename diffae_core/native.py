@@ -11,10 +11,10 @@ The C source ships with the package and is compiled on first use with the machin
 (``$DIFFAE_KERNEL_DIR``, else ``~/.cache/diffae-ray/kernels``) keyed by the source, the flags and the
 CPU's feature flags, so every process of a node reuses one build. ``-ffast-math`` is a compile flag
 only: linking with it makes GCC add ``crtfastmath.o``, whose constructor turns on flush-to-zero and
-denormals-are-zero for the whole process that loads the library, not just for this kernel. Without a compiler, or with
-``DIFFAE_NATIVE_KERNELS=0``, :func:`available` is False and callers keep the PyTorch paths (logged
-once). The kernel is single-threaded, so it is taken only at one intra-op thread (what Ray workers
-run by default); with more threads ATen's parallel kernels stay.
+denormals-are-zero for the whole process that loads the library, not just for this kernel. Without a
+compiler, or with ``DIFFAE_NATIVE_KERNELS=0``, :func:`available` is False and callers keep the PyTorch
+paths (logged once). The kernel is single-threaded, so it is taken only at one intra-op thread (what Ray
+workers run by default); with more threads ATen's parallel kernels stay.
 """
 
 from __future__ import annotations
