@@ -39,7 +39,12 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
     "sampling": (["benchmarks/sampling.py", "--presets", "tiny32", "--batch-sizes", "1", "8", "--threads", "2"],
                  "semantic encoding and 20-step DDIM inversion + decoding, images/s"),
     "group_norm": (["benchmarks/group_norm.py", "--threads", "1"],
-                   "channels_last GroupNorm + AdaGN forward + backward, ATen vs GroupNormNHWC, ms per call"),
+                   "channels_last GroupNorm + AdaGN + SiLU forward + backward, ATen vs GroupNormNHWC vs the native "
+                   "kernel, ms per call"),
+    "step_budget": (["benchmarks/step_budget.py", "--preset", "tiny32", "--batch", "16", "--threads", "1"],
+                    "where a tiny32 training step's time goes: each part's ms, FLOPs and GFLOP/s against sgemm"),
+    "conv_algorithms": (["benchmarks/conv_algorithms.py", "--threads", "1"],
+                        "3x3 convolution forward, oneDNN vs NNPACK's Winograd/FFT: ms and error against float64"),
     "ingest": (["benchmarks/ingest.py", "--images", "2000", "--image-size", "32"],
                "images/s the Ray Data pipeline delivers vs what a training step consumes"),
     "train_throughput": (["benchmarks/train_throughput.py", "--workers", "1", "2"],
