@@ -50,6 +50,13 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def cpu_matmul_rate(n: int = 1024, repeats: int = 5, warmup: int = 1) -> float:
+    """Sustained fp32 FLOP/s of an n x n matmul at this thread count (median of ``repeats``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = median(time_calls(lambda: a @ b, torch.device("cpu"), repeats=repeats, warmup=warmup))
+    return 2 * n**3 / t
+
+
 def machine() -> str:
     """One line naming the machine the numbers come from."""
     if torch.cuda.is_available():

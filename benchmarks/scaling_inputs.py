@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, median, setup_threads, time_calls  # noqa: E402
+from benchmarks.common import cpu_matmul_rate, machine, setup_threads  # noqa: E402
 from benchmarks.flops import training_flops_per_image  # noqa: E402
 from diffae_core import DiffAE  # noqa: E402
 from diffae_core.config import get_preset  # noqa: E402
@@ -70,13 +70,6 @@ def decode_rate(size: int, source: str, seconds: float = 5.0) -> float:
         pil_to_tensor(prep.square(decode_image(data)))
         count += 1
     return count / (time.perf_counter() - start)
-
-
-def cpu_matmul_rate(n: int = 1024, repeats: int = 5) -> float:
-    """Sustained fp32 FLOP/s of an n x n matmul on this thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    t = median(time_calls(lambda: a @ b, torch.device("cpu"), repeats=repeats))
-    return 2 * n**3 / t
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,14 @@ from torch.utils.flop_counter import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, median, reuse_heap_by_default, setup_threads, time_calls  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    cpu_matmul_rate,
+    machine,
+    median,
+    reuse_heap_by_default,
+    setup_threads,
+    time_calls,
+)
 from benchmarks.train_step import default_variant, make_step  # noqa: E402
 
 CONV_FORWARD = "convolutions, forward"
@@ -125,13 +132,6 @@ def counted_flops(step) -> dict[str, float]:
     return flops
 
 
-def sgemm_rate(size: int = 1024, repeats: int = 20) -> float:
-    """FLOP/s of a [size, size] @ [size, size] float32 matmul (median of ``repeats``)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    seconds = median(time_calls(lambda: a @ b, torch.device("cpu"), repeats=repeats, warmup=3))
-    return 2.0 * size**3 / seconds
-
-
 def measure(preset: str, batch: int, repeats: int = 5, profile_steps: int = 3) -> Budget:
     """Time, count and profile the default training step of ``preset`` at ``batch`` on the CPU."""
     device = torch.device("cpu")
@@ -147,7 +147,7 @@ def measure(preset: str, batch: int, repeats: int = 5, profile_steps: int = 3) -
         part_s[PART_OF_EVENT.get(row.key, REST)] += row.self_cpu_time_total / 1e6 / profile_steps
     profiled_s = sum(part_s.values())
     part_s[REST] = max(step_s - sum(part_s[p] for p in part_s if p != REST), 0.0)
-    return Budget(preset, batch, step_s, profiled_s, part_s, part_flops, sgemm_rate())
+    return Budget(preset, batch, step_s, profiled_s, part_s, part_flops, cpu_matmul_rate(1024, repeats=20, warmup=3))
 
 
 def markdown(budget: Budget, ratio_now: float | None = None, target: float = 1.3) -> str:

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from benchmarks import step_budget
 from benchmarks.flops import training_flops_per_image
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as Ray workers run, and where the native kernel is taken
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_budget_covers_the_profile_and_counts_the_flops_of_the_whole_step(one_thread):
+def test_budget_covers_the_profile_and_counts_the_flops_of_the_whole_step():
     batch = 2
     budget = step_budget.measure("tiny32", batch, repeats=1, profile_steps=1)
 
